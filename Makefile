@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv themselves.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+CACHE   ?= $(HOME)/.cache/shifu
+export SHIFU_CACHE := $(CACHE)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: test test-slow demo demo-models venv clean lint
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,docs,gguf]'
+	touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+# llama-cpp-python has no Linux wheel on PyPI: pip compiles it once (about 6 minutes on 2 cores)
+# and keeps the wheel in pip's cache for later installs.
+$(VENV)/.demo-installed: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+demo-models: $(VENV)/.demo-installed
+	$(BIN)/python scripts/fetch_models.py qwen0.5b qwen1.5b
+
+demo: demo-models
+	$(BIN)/python scripts/demo.py
+
+clean:
+	rm -rf runs/demo

@@ -1,0 +1,126 @@
+"""Stage 4: assemble the Alpaca-style dataset from the tasks and the teacher's stored answers.
+
+    shifu dataset configs/demo.yaml
+
+Writes, one JSON object a line, exactly the fields of the original guide:
+    {"instruction", "input", "output", "chunk_id", "category"}     category: 问答 | 文章生成
+- `jsonl_output_path`: training examples; `<stem>.eval.jsonl`: held-out examples. The split is by
+  chunk, so no chunk has examples on both sides.
+- `<work_dir>/examples.jsonl`: every example with its split and the key of the teacher answer it
+  came from (training uses it to find the stored logprobs).
+- `<work_dir>/rejected.jsonl`: teacher outputs left out, with the reason: truncated, empty, refusal,
+  too short, wrong language, a copy of the chunk, or a near-duplicate of another output.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections import Counter
+from typing import Callable
+
+from shifu.chunk import Deduper, language
+from shifu.config import Config
+from shifu.errors import UserError
+from shifu.files import read_jsonl, write_jsonl
+from shifu.store import Store
+from shifu.teach import answer_requests, questions_for, task_request
+from shifu.tasks import qa_answer_task
+
+FIELDS = ("instruction", "input", "output", "chunk_id", "category")
+
+
+def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: Deduper) -> str | None:
+    """Why a teacher output must not be trained on, or None."""
+    if flags:
+        return flags[0]
+    text = output.strip()
+    if len(text) < cfg.tasks.min_answer_chars:
+        return "too_short"
+    if len(text) >= 30 and language(text) != chunk["lang"]:
+        return "wrong_language"
+    if len(text) >= 20:
+        match = difflib.SequenceMatcher(None, chunk["text"], text, autojunk=False).find_longest_match()
+        if match.size / len(text) > cfg.tasks.max_copy_ratio:
+            return "copy_of_chunk"
+    if dedup.is_duplicate(text):
+        return "near_duplicate"
+    return None
+
+
+def _teacher_examples(task: dict, chunk: dict, cfg: Config, get: Callable) -> list[tuple[dict, str | None, str]]:
+    """(example, answer key or None, status) for one teacher task; status '' means answered."""
+    if task["parse"] != "json_qa":
+        req = task_request(task, cfg)
+        return [({"instruction": task["instruction"], "input": task["input"]}, req.key, "")]
+    questions, reason = questions_for(task, cfg, get)
+    if questions is None:
+        return [({}, None, reason.split(":")[0])]
+    out = []
+    for q, req in answer_requests(task, questions, cfg):
+        instruction, input_ = qa_answer_task(task, q, cfg)
+        if cfg.tasks.qa_mode in ("open", "both"):
+            out.append(({"instruction": instruction, "input": input_}, req.key, ""))
+        if cfg.tasks.qa_mode in ("closed", "both"):
+            out.append(({"instruction": q, "input": ""}, req.key, ""))
+    return out
+
+
+def build_examples(tasks: list[dict], chunks: dict[int, dict], cfg: Config, get: Callable) -> tuple[list[dict], list[dict], Counter]:
+    """Pure given `get` (key -> stored answer): examples with meta, rejected outputs, and counts."""
+    examples, rejected, counts = [], [], Counter()
+    dedup = Deduper(cfg.tasks.near_dup_threshold)
+    verdicts: dict[str, str | None] = {}  # one verdict per answer, even when two examples share it
+    for task in tasks:
+        chunk = chunks[task["chunk_id"]]
+        base = {"chunk_id": task["chunk_id"], "category": task["category"]}
+        if task["source"] == "text":
+            examples.append({"instruction": task["instruction"], "input": task["input"], "output": task["output"],
+                             **base, "kind": task["kind"], "key": None})
+            continue
+        for ex, key, status in _teacher_examples(task, chunk, cfg, get):
+            stored = get(key) if key else None
+            if stored is None:
+                counts[f"unanswered:{status or 'no stored answer'}"] += 1
+                continue
+            if key not in verdicts:
+                verdicts[key] = rejection(stored["content"], stored["flags"], chunk, cfg, dedup)
+                if verdicts[key]:
+                    counts[f"rejected:{verdicts[key]}"] += 1
+                    rejected.append({**ex, "output": stored["content"], **base, "reason": verdicts[key]})
+            if verdicts[key] is None:
+                examples.append({**ex, "output": stored["content"].strip(), **base, "kind": task["kind"], "key": key})
+    return examples, rejected, counts
+
+
+def eval_chunks(chunk_ids: list[int], ratio: float, seed: int) -> set[int]:
+    """Deterministic held-out chunks: the lowest hashes; at least one when there are two or more."""
+    ids = sorted(set(chunk_ids), key=lambda c: hashlib.sha256(f"eval:{seed}:{c}".encode()).hexdigest())
+    n = round(ratio * len(ids))
+    if ratio > 0 and len(ids) >= 2:
+        n = min(max(n, 1), len(ids) - 1)
+    return set(ids[:n])
+
+
+def run_dataset(cfg: Config) -> dict:
+    tasks = list(read_jsonl(cfg.work / "tasks.jsonl"))
+    chunks = {c["chunk_id"]: c for c in read_jsonl(cfg.work / "chunks.jsonl")}
+    store = Store(cfg.work / "teacher.sqlite")
+    try:
+        examples, rejected, counts = build_examples(tasks, chunks, cfg, store.get)
+    finally:
+        store.close()
+    if not examples:
+        raise UserError("no usable examples: every teacher answer is missing or rejected; see "
+                        f"{cfg.work / 'rejected.jsonl'} and rerun `shifu teach` to retry failed requests")
+    held = eval_chunks([e["chunk_id"] for e in examples], cfg.eval.eval_ratio, cfg.tasks.seed)
+    for e in examples:
+        e["split"] = "eval" if e["chunk_id"] in held else "train"
+    write_jsonl(cfg.work / "examples.jsonl", examples)
+    write_jsonl(cfg.work / "rejected.jsonl", rejected)
+    n_train = write_jsonl(cfg.jsonl_output_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "train"))
+    n_eval = write_jsonl(cfg.eval_jsonl_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "eval"))
+    by_cat = Counter(e["category"] for e in examples)
+    return {"examples": len(examples), "train_examples": n_train, "eval_examples": n_eval,
+            "eval_chunks": len(held), "by_category": dict(by_cat), "rejected": len(rejected),
+            "teacher_examples": sum(e["key"] is not None for e in examples), **dict(counts)}

@@ -1,0 +1,240 @@
+"""A fault-injecting OpenAI-compatible chat server on 127.0.0.1, for tests and benchmarks.
+
+    python -m shifu.fake_openai --port 8011 --latency 0.2 --fault-rate 0.2 --lifetime 600
+    with FakeServer(fault_rate=0.3) as server: ...   # server.url, server.requests_by_key
+
+Answers are deterministic functions of the prompt: JSON mode returns {"questions": [...]}, other
+requests a short text made of the prompt's own characters, so quality checks pass. With
+`top_logprobs` it returns per-token logprobs (characters, or a real tokenizer's tokens when
+`tokenizer` names a folder). Faults, drawn per request at `fault_rate`, from `faults`:
+  429 (with Retry-After), 500, 502, 503, 504, timeout (sleeps past the client's timeout), reset
+  (connection dropped), truncated (body cut short), invalid (not JSON), blank_json (blank content
+  in JSON mode), keepalive (blank lines and ': keep-alive' before the body; a valid answer),
+  empty (blank answer), length (cut at max_tokens), refusal.
+`fatal_status` answers every request with that status (401, 402, 404, ...).
+It binds 127.0.0.1 only and stops itself after `lifetime` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+
+from aiohttp import web
+
+FAULTS = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json",
+          "keepalive", "empty", "length", "refusal"]
+
+
+class FakeBackend:
+    def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, faults: list[str] | None = None,
+                 fatal_status: int | None = None, seed: int = 0, tokenizer: str | None = None,
+                 timeout_sleep: float = 30.0):
+        self.latency, self.fault_rate, self.fatal_status = latency, fault_rate, fatal_status
+        self.faults = faults or FAULTS
+        self.rng = random.Random(seed)
+        self.timeout_sleep = timeout_sleep
+        self.tok = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(tokenizer)
+        self.requests_by_key: Counter = Counter()  # every request received, by request hash
+        self.answered_by_key: Counter = Counter()  # requests answered with a 200 and a valid body
+        self.faults_sent: Counter = Counter()
+        self.auth_headers: list[str] = []
+
+    # -- content --------------------------------------------------------------------------------
+    @staticmethod
+    def key(body: dict) -> str:
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def content(self, body: dict) -> str:
+        prompt = body["messages"][-1]["content"]
+        r = random.Random(self.key(body))
+        if (body.get("response_format") or {}).get("type") == "json_object":
+            n = int(m.group(1)) if (m := re.search(r"(\d+)", prompt)) else 2
+            words = re.findall(r"[\u4e00-\u9fff]{2,4}|[A-Za-z]{4,}", prompt) or ["text"]
+            return json.dumps({"questions": [f"{r.choice(words)}{r.choice(words)}是什么？" if _zh(prompt)
+                                             else f"What is {r.choice(words)} {r.choice(words)}?" for _ in range(n)]},
+                              ensure_ascii=False)
+        if _zh(prompt):
+            chars = [c for c in prompt if "\u4e00" <= c <= "\u9fff"] or list("文字")
+            return "".join(r.choice(chars) for _ in range(r.randint(24, 60))) + "。"
+        words = re.findall(r"[A-Za-z]+", prompt) or ["word"]
+        return " ".join(r.choice(words) for _ in range(r.randint(12, 30))).capitalize() + "."
+
+    def tokens(self, text: str) -> list[tuple[str, bytes]]:
+        if self.tok is None:
+            return [(c, c.encode()) for c in text]
+        from shifu.models import token_bytes_table
+
+        table = token_bytes_table(self.tok)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"]
+        return [(table[i].decode("utf-8", "replace"), table[i]) for i in ids]
+
+    def logprobs(self, body: dict, text: str) -> dict:
+        r = random.Random(self.key(body) + "lp")
+        k = int(body.get("top_logprobs") or 0)
+        vocab = [t for t in set(text)] or ["a"]
+        entries = []
+        for tok_s, tok_b in self.tokens(text):
+            chosen = -r.uniform(0.01, 1.5)
+            alts = [{"token": tok_s, "logprob": chosen, "bytes": list(tok_b)}]
+            for j in range(1, k):
+                alt = r.choice(vocab) + str(j)
+                alts.append({"token": alt, "logprob": chosen - 1.0 - j * 0.5, "bytes": list(alt.encode())})
+            entries.append({"token": tok_s, "logprob": chosen, "bytes": list(tok_b), "top_logprobs": alts[:k]})
+        return {"content": entries}
+
+    def answer(self, body: dict, fault: str | None) -> dict:
+        text = self.content(body)
+        finish = "stop"
+        if fault == "empty":
+            text = ""
+        elif fault == "length":
+            text, finish = text[: max(1, len(text) // 2)], "length"
+        elif fault == "refusal":
+            text = "抱歉，我无法回答这个问题。" if _zh(text) else "I'm sorry, but I can't help with that."
+        elif fault == "blank_json" and body.get("response_format"):
+            text = ""
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if body.get("logprobs") and body.get("top_logprobs") is not None:
+            choice["logprobs"] = self.logprobs(body, text)
+        prompt_tokens = len(body["messages"][-1]["content"]) // 2 + 8
+        hit = prompt_tokens // 3
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, len(text) // 2),
+                 "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_tokens - hit}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"id": "fake-" + self.key(body)[:12], "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model"), "choices": [choice], "usage": usage}
+
+    # -- HTTP -----------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        key = self.key(body)
+        self.requests_by_key[key] += 1
+        self.auth_headers.append(request.headers.get("Authorization", ""))
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        if self.fatal_status:
+            return web.json_response({"error": {"message": "fake fatal error", "type": "fake"}}, status=self.fatal_status)
+        fault = self.rng.choice(self.faults) if self.rng.random() < self.fault_rate else None
+        if fault:
+            self.faults_sent[fault] += 1
+        if fault in ("429", "500", "502", "503", "504"):
+            headers = {"Retry-After": "0"} if fault == "429" else {}
+            return web.json_response({"error": {"message": f"fake {fault}"}}, status=int(fault), headers=headers)
+        if fault == "timeout":
+            await asyncio.sleep(self.timeout_sleep)
+        if fault == "reset":
+            request.transport.abort()
+            return web.Response(status=500)
+        payload = json.dumps(self.answer(body, fault), ensure_ascii=False).encode()
+        if fault == "invalid":
+            return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
+        if fault in ("truncated", "keepalive"):
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.content_length = len(payload) + (20 if fault == "keepalive" else 0)
+            await resp.prepare(request)
+            if fault == "truncated":
+                await resp.write(payload[: len(payload) // 2])
+                request.transport.abort()
+                return resp
+            await resp.write(b"\n\n: keep-alive\n\n\n\n")  # 20 bytes, as DeepSeek sends while busy
+            await asyncio.sleep(0.01)
+            await resp.write(payload)
+            await resp.write_eof()
+            self._answered(key, fault)
+            return resp
+        self._answered(key, fault)
+        return web.Response(body=payload, content_type="application/json")
+
+    def _answered(self, key: str, fault: str | None) -> None:
+        if fault not in ("blank_json",):
+            self.answered_by_key[key] += 1
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/chat/completions", self.handle)
+        return app
+
+
+def _zh(text: str) -> bool:
+    return len(re.findall(r"[\u4e00-\u9fff]", text)) >= 0.2 * max(1, len(re.findall(r"[\u4e00-\u9fffA-Za-z]", text)))
+
+
+class FakeServer:
+    """The backend served from a background thread; a context manager that always stops it."""
+
+    def __init__(self, lifetime: float = 900.0, **backend_kwargs):
+        self.backend = FakeBackend(**backend_kwargs)
+        self.lifetime = lifetime
+        self._ready = threading.Event()
+        self.port = 0
+
+    def __enter__(self) -> "FakeServer":
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("fake server did not start")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def _serve(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        runner = web.AppRunner(self.backend.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        try:
+            await asyncio.wait_for(self._stop.wait(), self.lifetime)
+        except asyncio.TimeoutError:
+            pass
+        await runner.cleanup()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--fault-rate", type=float, default=0.0)
+    p.add_argument("--faults", default=",".join(FAULTS))
+    p.add_argument("--fatal-status", type=int)
+    p.add_argument("--tokenizer")
+    p.add_argument("--lifetime", type=float, default=900.0, help="stop after this many seconds")
+    a = p.parse_args()
+    server = FakeServer(lifetime=a.lifetime, latency=a.latency, fault_rate=a.fault_rate,
+                        faults=a.faults.split(","), fatal_status=a.fatal_status, tokenizer=a.tokenizer)
+    server.port = a.port
+    with server:
+        print(f"fake OpenAI server on {server.url} for {a.lifetime:.0f}s", flush=True)
+        server.thread.join()
+
+
+if __name__ == "__main__":
+    main()

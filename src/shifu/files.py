@@ -1,0 +1,130 @@
+"""File I/O at the edges: atomic writes, JSONL, content hashes and the stage manifest.
+
+Every output is written to a temporary file beside its target and renamed into place, so a crash
+never leaves a half-written file that a later stage would trust. The manifest records, per stage,
+the hashes of its inputs and settings; a stage whose record still matches is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it over `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Like atomic_path for a folder: build it aside, then swap it in."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    p = Path(path)
+    if not p.exists():
+        return default
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_obj(obj: Any) -> str:
+    return sha256_bytes(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode())
+
+
+def hash_path(path: str | Path) -> str:
+    """Content hash of a file; for a folder, a hash of its files' names, sizes and mtimes (weights are big)."""
+    p = Path(path)
+    if p.is_file():
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    if p.is_dir():
+        entries = sorted((str(q.relative_to(p)), q.stat().st_size, q.stat().st_mtime_ns)
+                         for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+        return hash_obj(entries)
+    return "missing"
+
+
+class Manifest:
+    """work_dir/manifest.json: per stage, the input and settings hashes it ran with and its stats."""
+
+    def __init__(self, work_dir: str | Path):
+        self.path = Path(work_dir) / "manifest.json"
+        self.data: dict = read_json(self.path, {})
+
+    def fingerprint(self, inputs: list[str | Path], settings: Any) -> dict:
+        return {"inputs": {str(p): hash_path(p) for p in inputs}, "settings": hash_obj(settings)}
+
+    def is_fresh(self, stage: str, fingerprint: dict, outputs: list[str | Path]) -> bool:
+        entry = self.data.get(stage)
+        return (entry is not None and entry.get("fingerprint") == fingerprint
+                and all(Path(o).exists() for o in outputs))
+
+    def record(self, stage: str, fingerprint: dict, stats: dict) -> None:
+        self.data[stage] = {"fingerprint": fingerprint, "stats": stats, "finished_at": time.time()}
+        write_json(self.path, self.data)
+
+    def stats(self, stage: str) -> dict:
+        return self.data.get(stage, {}).get("stats", {})

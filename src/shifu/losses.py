@@ -1,0 +1,98 @@
+"""Distillation losses as small functions over answer tokens, each tested against a dense reference.
+
+    from shifu.losses import distill_loss
+    kd = distill_loss(student_logits, ids, teacher_logprobs, variant="forward_kl", temperature=2.0)
+
+The teacher's distribution per token is sparse: k candidate token ids (-1 pads) with log-probs,
+as an API returns top-k logprobs. Both distributions are folded onto the same k + 1 buckets: the
+k candidates and one tail bucket holding the mass of every other token (1 - sum of the k). With
+k equal to the whole vocabulary the tail is empty and each divergence is the ordinary one.
+Temperature: the student's logits are divided by T before the softmax; the teacher's bucket
+log-probs are divided by T and renormalised (exact for the candidates, the tail treated as one
+token). The result is multiplied by T^2 so that gradients keep their scale across temperatures.
+All functions return one value per token; the caller averages over answer tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TAIL_FLOOR = -30.0  # log-mass floor of a tail bucket: keeps log(0) out of the gradients
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate on both ends."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:
+    """(N, k) candidate log-probs (-inf where padded) -> (N, k + 1) with the tail bucket last."""
+    tail = _log1mexp(torch.logsumexp(logp_k, dim=-1, keepdim=True)).clamp(min=TAIL_FLOOR)
+    return torch.cat([logp_k, tail], dim=-1)
+
+
+def bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (teacher, student) log-probs over the k + 1 buckets, both (N, k + 1)."""
+    valid = ids >= 0
+    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_k = s_logp.gather(-1, ids.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    t_k = teacher_logprobs.float().masked_fill(~valid, float("-inf"))
+    t = _with_tail(t_k)
+    if temperature != 1.0:
+        t = F.log_softmax(t / temperature, dim=-1)
+    return t, _with_tail(s_k)
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row; buckets where p is zero contribute nothing."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+
+
+def _mix(logp: torch.Tensor, logq: torch.Tensor, w: float) -> torch.Tensor:
+    """log(w * p + (1 - w) * q)."""
+    return torch.logsumexp(torch.stack([logp + torch.log(torch.tensor(w)), logq + torch.log(torch.tensor(1 - w))]), 0)
+
+
+def forward_kl(t: torch.Tensor, s: torch.Tensor, **_) -> torch.Tensor:
+    return _kl(t, s)
+
+
+def reverse_kl(t: torch.Tensor, s: torch.Tensor, **_) -> torch.Tensor:
+    return _kl(s, t)
+
+
+def jsd(t: torch.Tensor, s: torch.Tensor, beta: float = 0.5, **_) -> torch.Tensor:
+    """Generalized JSD: beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q."""
+    m = _mix(t, s, beta)
+    return beta * _kl(t, m) + (1 - beta) * _kl(s, m)
+
+
+def skew_kl(t: torch.Tensor, s: torch.Tensor, skew_alpha: float = 0.1, **_) -> torch.Tensor:
+    """DistiLLM's skew KL: KL(p || a * p + (1 - a) * q)."""
+    return _kl(t, _mix(t, s, skew_alpha))
+
+
+def skew_reverse_kl(t: torch.Tensor, s: torch.Tensor, skew_alpha: float = 0.1, **_) -> torch.Tensor:
+    """KL(q || a * q + (1 - a) * p)."""
+    return _kl(s, _mix(s, t, skew_alpha))
+
+
+DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd,
+               "skew_kl": skew_kl, "skew_reverse_kl": skew_reverse_kl}
+
+
+def distill_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                 variant: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+                 skew_alpha: float = 0.1) -> torch.Tensor:
+    """Per-token distillation loss, (N,), scaled by T^2."""
+    t, s = bucket_log_probs(student_logits, ids, teacher_logprobs, temperature)
+    return DIVERGENCES[variant](t, s, beta=beta, skew_alpha=skew_alpha) * temperature ** 2
+
+
+def combine(ce: torch.Tensor, kd: torch.Tensor, has_teacher: torch.Tensor, kd_ratio: float) -> torch.Tensor:
+    """Per-token loss: (1 - r) * CE + r * KD where the teacher's distribution is known, CE elsewhere."""
+    return torch.where(has_teacher, (1 - kd_ratio) * ce + kd_ratio * kd, ce)

@@ -1,0 +1,121 @@
+"""Loading models and tokenizers the same way everywhere, and the token facts the other stages need.
+
+    from shifu.models import load_tokenizer, load_causal_lm, end_token_ids
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from shifu.errors import UserError
+
+# For models whose template ends a turn with one token and whose generations sometimes end with
+# another (Qwen: <|im_end|>, sometimes <|endoftext|>), both must stop generation.
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "</s>")
+FALLBACK_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+                     "{% elif m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n### Response:\n"
+                     "{% else %}{{ m['content'] }}{{ eos_token }}\n\n{% endif %}{% endfor %}")
+
+
+def _check_exists(name: str, what: str) -> None:
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).expanduser().exists():
+        raise UserError(f"{what} {name!r}: folder not found; point it at a Hugging Face model folder")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    _check_exists(name, "model")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"model {name!r}: cannot load its tokenizer ({str(err).splitlines()[0]}); "
+                        "give a local folder, or run online for a hub name") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if not tok.chat_template:
+        tok.chat_template = FALLBACK_TEMPLATE
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(name: str, trust_remote_code: bool = False, dtype=None, quantization_config=None,
+                   device_map=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(name, "model")
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    except OSError as err:
+        raise UserError(f"model {name!r}: cannot load safetensors weights ({str(err).splitlines()[0]})") from None
+
+
+def end_token_ids(tok) -> list[int]:
+    vocab = tok.get_vocab()
+    ids = [vocab[t] for t in _END_TOKENS if t in vocab]
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.insert(0, tok.eos_token_id)
+    return ids
+
+
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _is_byte_level(tok) -> bool:
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    text = backend.to_str()
+    return '"ByteLevel"' in text
+
+
+@lru_cache(maxsize=8)
+def _table_cached(tok_id: int, tok) -> tuple[bytes, ...]:
+    size = max(len(tok), max(tok.get_vocab().values()) + 1)
+    pieces = tok.convert_ids_to_tokens(list(range(size)))
+    special = set(tok.all_special_tokens)
+    out = []
+    if _is_byte_level(tok):
+        dec = _byte_decoder()
+        for p in pieces:
+            if p is None:
+                out.append(b"")
+            elif p in special:
+                out.append(p.encode())
+            else:
+                try:
+                    out.append(bytes(dec[c] for c in p))
+                except KeyError:  # an added token written in plain text
+                    out.append(p.encode())
+        return tuple(out)
+    for p in pieces:  # SentencePiece style: ▁ for space, <0xNN> for raw bytes
+        if p is None:
+            out.append(b"")
+        elif len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+            out.append(bytes([int(p[3:5], 16)]))
+        else:
+            out.append(p.replace("\u2581", " ").encode())
+    return tuple(out)
+
+
+def token_bytes_table(tok) -> tuple[bytes, ...]:
+    """The raw bytes each token id stands for, so texts can be aligned across tokenizers byte by byte."""
+    return _table_cached(id(tok), tok)

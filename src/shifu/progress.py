@@ -1,0 +1,46 @@
+"""Readable logs and live progress bars (rich), shared by the stages."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from typing import Iterator
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        datefmt="[%X]", handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers.modeling_utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def teacher_progress(expected: int, cfg) -> Iterator:
+    """A bar with done / failed / retried counts, tokens and cost so far."""
+    columns = [TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn()]
+    last = [0.0]
+    with Progress(*columns, console=console, disable=not sys.stderr.isatty()) as progress:
+        bar = progress.add_task("teacher", total=expected, info="")
+
+        def update(stats) -> None:
+            now = time.monotonic()
+            if now - last[0] < 0.1:
+                return
+            last[0] = now
+            finished = stats.done + stats.cached + stats.failed + stats.unsent
+            tokens = stats.prompt_tokens + stats.completion_tokens
+            info = (f"done {stats.done} cached {stats.cached} failed {stats.failed} retried {stats.retried} "
+                    f"tokens {tokens:,} cost {stats.cost:.4f}")
+            progress.update(bar, completed=finished, total=max(expected, stats.planned), info=info)
+
+        yield update

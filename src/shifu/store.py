@@ -1,0 +1,82 @@
+"""Durable per-request results in SQLite (WAL), keyed by the hash of the request.
+
+    store = Store("work/teacher.sqlite")
+    if store.get(req.key) is None: ...   # only then is the request sent
+
+An answer is committed before anything counts it or writes it to a dataset, so `kill -9` at any
+moment loses at most the requests in flight, and a rerun sends only what has no stored answer.
+WAL with synchronous=NORMAL survives a killed process; a power cut may lose the last commits,
+which the next run then buys again rather than trusting a torn write.
+Failed requests are stored with their reason and retried on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+from shifu.teacher import Answer
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,            -- ok | failed
+    content TEXT,
+    finish_reason TEXT,
+    flags TEXT,                      -- JSON list: truncated, empty, refusal
+    usage TEXT,                      -- JSON object as the server reported it
+    cost REAL,
+    logprobs BLOB,                   -- shifu.teacher.pack_logprobs
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+)"""
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def get(self, key: str) -> dict | None:
+        """The stored answer for a key, or None when it has none yet (never asked, or failed)."""
+        row = self.db.execute("SELECT content, finish_reason, flags, usage, cost, logprobs FROM answers "
+                              "WHERE key = ? AND status = 'ok'", (key,)).fetchone()
+        if row is None:
+            return None
+        return {"content": row[0], "finish_reason": row[1], "flags": json.loads(row[2]),
+                "usage": json.loads(row[3]), "cost": row[4], "logprobs": row[5]}
+
+    def logprobs(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT logprobs FROM answers WHERE key = ? AND status = 'ok'", (key,)).fetchone()
+        return row[0] if row else None
+
+    def ok_keys(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM answers WHERE status = 'ok'")}
+
+    def put_ok(self, key: str, ans: Answer, cost: float | None, attempts: int) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+            (key, ans.content, ans.finish_reason, json.dumps(ans.flags), json.dumps(ans.usage), cost,
+             ans.logprobs, attempts, time.time()))
+
+    def put_failed(self, key: str, reason: str, attempts: int) -> None:
+        # Never overwrite a good answer with a later failure.
+        self.db.execute(
+            "INSERT INTO answers (key, status, error, attempts, updated_at) VALUES (?, 'failed', ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET error = excluded.error, attempts = answers.attempts + excluded.attempts, "
+            "updated_at = excluded.updated_at WHERE answers.status = 'failed'",
+            (key, reason, attempts, time.time()))
+
+    def totals(self) -> dict:
+        row = self.db.execute("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM answers WHERE status = 'ok'").fetchone()
+        failed = self.db.execute("SELECT COUNT(*) FROM answers WHERE status = 'failed'").fetchone()[0]
+        return {"stored_answers": row[0], "stored_cost": row[1], "stored_failed": failed}

@@ -1,0 +1,358 @@
+"""Teacher backends behind one tiny async contract: `await client.complete(request) -> Answer`.
+
+    async with make_client(cfg.teacher) as client:
+        answer = await client.complete(Request.build(cfg.teacher, "你好"))
+
+`OpenAIClient` speaks to any OpenAI-compatible /chat/completions server (DeepSeek, vLLM,
+llama.cpp) over aiohttp, one attempt per call; it raises `Retryable` for what a retry may fix
+(429, 5xx, timeouts, resets, truncated or invalid bodies, blank JSON-mode answers) and
+`TeacherError` for what it cannot (400, 401, 402, 403, 404, 422), with a line that says what to do.
+`LocalClient` generates in-process with a Hugging Face model, batching concurrent calls.
+Retries, rate limits, budgets and storage live in `shifu.teach`; this module only talks.
+Top-k logprobs are packed compactly (`pack_logprobs`): token bytes and float32 values, zlib'd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from shifu.config import Price, TeacherConfig
+from shifu.errors import TeacherError, UserError
+
+
+@dataclass
+class Request:
+    key: str
+    messages: list[dict]
+    params: dict
+    est_prompt_tokens: int
+
+    @staticmethod
+    def build(tc: TeacherConfig, prompt: str, json_mode: bool = False, logprobs: bool = True) -> "Request":
+        messages = [{"role": "user", "content": prompt}]
+        params: dict[str, Any] = {"temperature": tc.temperature, "max_tokens": tc.max_tokens, **tc.extra_body}
+        if tc.top_p is not None:
+            params["top_p"] = tc.top_p
+        if json_mode and tc.json_mode:
+            params["response_format"] = {"type": "json_object"}
+        if logprobs and tc.top_logprobs > 0:
+            params.update(logprobs=True, top_logprobs=tc.top_logprobs)
+        # The key covers everything that changes the answer, so the same request is never bought twice.
+        key = hashlib.sha256(json.dumps([tc.base_url.rstrip("/"), tc.model, messages, params],
+                                        sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        return Request(key, messages, params, estimate_tokens(prompt))
+
+
+@dataclass
+class Answer:
+    content: str
+    finish_reason: str
+    usage: dict = field(default_factory=dict)
+    logprobs: bytes | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+class Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+def estimate_tokens(text: str) -> int:
+    """Rough count without a tokenizer: ~1 token per CJK character, ~4 Latin characters per token."""
+    cjk = len(re.findall(r"[\u3000-\u9fff\uff00-\uffef]", text))
+    return cjk + (len(text) - cjk) // 4 + 4
+
+
+# ---- logprobs -----------------------------------------------------------------------------------
+
+_MAGIC = b"SLP1"
+
+
+def _tok_bytes(entry: dict) -> bytes:
+    raw = entry.get("bytes")
+    return bytes(raw) if raw is not None else str(entry.get("token", "")).encode("utf-8")
+
+
+def pack_logprobs(content: list[dict], k: int) -> bytes:
+    """Per answer token: the chosen token and its top-k alternatives, as bytes + float32 logprobs."""
+    n = len(content)
+    lps = np.full((n, k + 1), -np.inf, dtype=np.float32)
+    lens = np.zeros((n, k + 1), dtype=np.uint16)
+    data = bytearray()
+    for i, entry in enumerate(content):
+        slots = [entry] + list(entry.get("top_logprobs") or [])[:k]
+        for j, slot in enumerate(slots):
+            b = _tok_bytes(slot)
+            lens[i, j] = len(b)
+            lps[i, j] = float(slot.get("logprob", -np.inf))
+            data += b
+    header = struct.pack("<4sII", _MAGIC, n, k)
+    return zlib.compress(header + lens.tobytes() + lps.tobytes() + bytes(data), 6)
+
+
+def unpack_logprobs(blob: bytes) -> tuple[list[bytes], np.ndarray, list[list[bytes]], np.ndarray]:
+    """-> (chosen token bytes, chosen logprobs (n,), candidate bytes per position, candidate logprobs (n, k))."""
+    raw = zlib.decompress(blob)
+    magic, n, k = struct.unpack_from("<4sII", raw)
+    assert magic == _MAGIC, "not a shifu logprobs blob"
+    off = 12
+    lens = np.frombuffer(raw, np.uint16, n * (k + 1), off).reshape(n, k + 1)
+    off += lens.nbytes
+    lps = np.frombuffer(raw, np.float32, n * (k + 1), off).reshape(n, k + 1)
+    off += lps.nbytes
+    toks: list[list[bytes]] = []
+    for row in lens:
+        cells = []
+        for length in row:
+            cells.append(raw[off:off + int(length)])
+            off += int(length)
+        toks.append(cells)
+    return [t[0] for t in toks], lps[:, 0].copy(), [t[1:] for t in toks], lps[:, 1:].copy()
+
+
+# ---- answer checks ------------------------------------------------------------------------------
+
+_REFUSAL = re.compile(r"^\s*(抱歉|对不起|很抱歉)[，,].{0,12}(无法|不能|不便)|作为一个?(AI|人工智能|语言模型)|"
+                      r"^\s*I(?:'m| am) sorry,? but I (?:can(?:no|')t|am unable)|^\s*I can(?:no|')t (?:help|assist) with",
+                      re.IGNORECASE)
+
+
+def answer_flags(content: str, finish_reason: str, refusal: Any = None) -> list[str]:
+    flags = []
+    if finish_reason == "length":
+        flags.append("truncated")
+    if not content.strip():
+        flags.append("empty")
+    elif refusal or _REFUSAL.search(content[:200]):
+        flags.append("refusal")
+    return flags
+
+
+def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float | None = None) -> float | None:
+    """Cost of one answer from its usage; DeepSeek reports cache hits and misses separately."""
+    if price is None:
+        return None
+    hour = time.gmtime(when if when is not None else time.time()).tm_hour
+    peak = peak_pricing and (1 <= hour < 4 or 6 <= hour < 10)
+    pick = lambda off, on: on if (peak and on is not None) else off  # noqa: E731
+    prompt = usage.get("prompt_tokens", 0) or 0
+    hit = usage.get("prompt_cache_hit_tokens", 0) or 0
+    miss = usage.get("prompt_cache_miss_tokens", prompt - hit) or 0
+    out = usage.get("completion_tokens", 0) or 0
+    return (hit * pick(price.input_cache_hit, price.peak_input_cache_hit)
+            + miss * pick(price.input_cache_miss, price.peak_input_cache_miss)
+            + out * pick(price.output, price.peak_output)) / 1e6
+
+
+# ---- OpenAI-compatible HTTP ---------------------------------------------------------------------
+
+_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_FATAL_HINT = {
+    400: "the server rejected the request as malformed; check teacher.extra_body, teacher.max_tokens and the prompt length",
+    401: "authentication failed; check the key in the environment variable named by teacher.api_key_env ({env})",
+    402: "insufficient balance; top up your account, then rerun the same command to continue",
+    403: "forbidden; the key may lack access to teacher.model or the region is blocked",
+    404: "not found; check teacher.base_url ({url}) and teacher.model ({model})",
+    422: "invalid parameters; check teacher.temperature, teacher.top_p, teacher.top_logprobs and teacher.extra_body",
+}
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def parse_body(text: str) -> dict:
+    """JSON body after any blank lines or ': keep-alive' comments a busy server sent first."""
+    lines = text.splitlines()
+    while lines and (not lines[0].strip() or lines[0].lstrip().startswith(":")):
+        lines.pop(0)
+    try:
+        body = json.loads("\n".join(lines))
+    except json.JSONDecodeError:
+        raise Retryable("invalid or truncated JSON body") from None
+    if not isinstance(body, dict):
+        raise Retryable("response body is not a JSON object")
+    return body
+
+
+def is_local(url: str) -> bool:
+    return (urlparse(url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
+
+
+class OpenAIClient:
+    def __init__(self, tc: TeacherConfig):
+        self.tc = tc
+        self.url = tc.base_url.rstrip("/") + "/chat/completions"
+        key = os.environ.get(tc.api_key_env, "").strip()
+        if not key and not is_local(tc.base_url):
+            raise UserError(f"environment variable {tc.api_key_env} is not set; export your API key there "
+                            f"(or set teacher.api_key_env to the variable that holds it)")
+        self._headers = {"Content-Type": "application/json"}
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._key = key
+        self.session = None
+
+    async def __aenter__(self) -> "OpenAIClient":
+        import aiohttp
+
+        connector = aiohttp.TCPConnector(limit=self.tc.max_concurrency, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, headers=self._headers,
+                                             timeout=aiohttp.ClientTimeout(total=self.tc.timeout_s))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "<redacted>") if self._key else text
+
+    def _fatal(self, status: int, body: str) -> TeacherError:
+        detail = self._scrub(body.strip().replace("\n", " "))[:200]
+        hint = _FATAL_HINT.get(status, "the server refused the request")
+        if status in (400, 404) and re.search(r"model.{0,20}(not exist|not found|does not exist|unknown)", detail, re.I):
+            hint = "teacher.model ({model}) is unknown to the server; set teacher.model to a model it serves"
+        hint = hint.format(env=self.tc.api_key_env, url=self.tc.base_url, model=self.tc.model)
+        return TeacherError(f"teacher HTTP {status}: {hint} (server said: {detail})")
+
+    async def complete(self, req: Request) -> Answer:
+        import aiohttp
+
+        payload = {"model": self.tc.model, "messages": req.messages, **req.params}
+        try:
+            async with self.session.post(self.url, json=payload) as resp:
+                text = await resp.text()
+                status, retry_after = resp.status, _retry_after(resp.headers.get("Retry-After"))
+        except asyncio.TimeoutError:
+            raise Retryable("timeout") from None
+        except aiohttp.ClientConnectorError as err:
+            raise Retryable(f"cannot connect to {self.tc.base_url} ({type(err).__name__})") from None
+        except (aiohttp.ClientError, ConnectionError) as err:
+            raise Retryable(f"connection error ({type(err).__name__})") from None
+        if status in _RETRY_STATUS or status >= 500:
+            raise Retryable(f"HTTP {status}", retry_after)
+        if status >= 400:
+            raise self._fatal(status, text)
+        return self._answer(parse_body(text), req)
+
+    def _answer(self, body: dict, req: Request) -> Answer:
+        try:
+            choice = body["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            raise Retryable("response has no choices[0].message") from None
+        content = message.get("content") or ""
+        finish = choice.get("finish_reason") or "stop"
+        if not content.strip() and "response_format" in req.params and finish != "length":
+            raise Retryable("blank content in JSON mode")
+        packed = None
+        lp = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+        if lp and req.params.get("top_logprobs"):
+            packed = pack_logprobs(lp, int(req.params["top_logprobs"]))
+        usage = {k: v for k, v in (body.get("usage") or {}).items() if isinstance(v, (int, float))}
+        return Answer(content, finish, usage, packed, answer_flags(content, finish, message.get("refusal")))
+
+
+# ---- in-process Hugging Face teacher ------------------------------------------------------------
+
+class LocalClient:
+    """A local transformers model as teacher. Concurrent calls are gathered into batches."""
+
+    def __init__(self, tc: TeacherConfig):
+        self.tc = tc
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "LocalClient":
+        from shifu.models import load_causal_lm, load_tokenizer
+
+        self.tok = load_tokenizer(self.tc.model, self.tc.trust_remote_code, padding_side="left")
+        self.model = load_causal_lm(self.tc.model, self.tc.trust_remote_code).eval()
+        self.queue = asyncio.Queue()
+        self.worker = asyncio.create_task(self._serve())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.worker.cancel()
+
+    async def complete(self, req: Request) -> Answer:
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((req, fut))
+        return await fut
+
+    async def _serve(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < self.tc.local_batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                answers = await asyncio.to_thread(self._generate, [r for r, _ in batch])
+                for (_, fut), ans in zip(batch, answers):
+                    fut.set_result(ans)
+            except Exception as err:  # one failed batch must not hang the callers
+                for _, fut in batch:
+                    fut.set_exception(Retryable(f"local generation failed: {err}"))
+
+    def _generate(self, reqs: list[Request]) -> list[Answer]:
+        import torch
+
+        from shifu.models import end_token_ids, token_bytes_table
+
+        texts = [self.tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in reqs]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        p = reqs[0].params
+        sample = p.get("temperature", 0) > 0
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=p["max_tokens"], do_sample=sample,
+                                      temperature=p.get("temperature") if sample else None,
+                                      top_p=p.get("top_p"), output_scores=True, return_dict_in_generate=True,
+                                      eos_token_id=end_token_ids(self.tok), pad_token_id=self.tok.pad_token_id)
+        k = int(p.get("top_logprobs") or 0)
+        table = token_bytes_table(self.tok) if k else None
+        scores = torch.stack(out.scores, 1).float().log_softmax(-1) if k else None
+        ends = set(end_token_ids(self.tok))
+        answers = []
+        for i in range(len(reqs)):
+            gen = out.sequences[i, enc["input_ids"].shape[1]:].tolist()
+            stop = next((j for j, t in enumerate(gen) if t in ends), None)
+            ids = gen[:stop] if stop is not None else gen
+            content = self.tok.decode(ids, skip_special_tokens=True)
+            finish = "stop" if stop is not None else "length"
+            packed = None
+            if k:
+                entries = []
+                for j, t in enumerate(ids):
+                    top = scores[i, j].topk(k)
+                    entries.append({"bytes": list(table[t]), "logprob": scores[i, j, t].item(),
+                                    "top_logprobs": [{"bytes": list(table[c]), "logprob": v}
+                                                     for v, c in zip(top.values.tolist(), top.indices.tolist())]})
+                packed = pack_logprobs(entries, k)
+            usage = {"prompt_tokens": int(enc["attention_mask"][i].sum()), "completion_tokens": len(ids)}
+            answers.append(Answer(content, finish, usage, packed, answer_flags(content, finish)))
+        return answers
+
+
+def make_client(tc: TeacherConfig) -> OpenAIClient | LocalClient:
+    return OpenAIClient(tc) if tc.kind == "openai" else LocalClient(tc)

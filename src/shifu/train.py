@@ -1,0 +1,255 @@
+"""Stage 5: LoRA (or QLoRA) fine-tuning of the student with language-model + distillation loss.
+
+    shifu train configs/demo.yaml
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m shifu train configs/x.yaml
+
+Reads `jsonl_output_path` (and the held-out `.eval.jsonl`), applies the student's chat template,
+and trains on answer tokens only. Per answer token the loss is
+    (1 - kd_ratio) * CE + kd_ratio * KD        where the teacher's distribution is known,
+    CE                                         elsewhere,
+averaged over all answer tokens of the optimizer step, across devices and accumulation steps.
+The teacher's distribution comes from the API's stored top-k logprobs, from a local white-box
+teacher (top-k written once to disk), or nowhere (plain fine-tuning on the teacher's text).
+Each batch is packed into one row with per-example position ids: no padding, and no example
+attends to another. Logits are computed only at answer positions. Checkpoints go to
+<work_dir>/checkpoints; a rerun after a crash resumes from the last one.
+Writes the adapter (safetensors), tokenizer, resolved config, summary and loss curve to output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainingArguments
+
+from shifu.config import Config, DistillConfig, dump_config
+from shifu.encode import Encoded, encode_examples
+from shifu.errors import UserError
+from shifu.files import atomic_dir, hash_obj, read_json, read_jsonl, write_json
+from shifu.losses import combine, distill_loss
+from shifu.models import load_causal_lm, load_tokenizer
+from shifu.targets import build_targets
+
+log = logging.getLogger("shifu")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+class SFTDataset(torch.utils.data.Dataset):
+    """Token ids and labels per example, plus the teacher's rows on answer positions when known."""
+
+    def __init__(self, enc: Encoded, targets=None):
+        self.enc, self.targets = enc, targets
+
+    def __len__(self) -> int:
+        return len(self.enc)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.enc.input_ids[i].astype(np.int64)
+        labels = ids.copy()
+        labels[: self.enc.answer_start[i]] = -100
+        item = {"input_ids": ids, "labels": labels}
+        if self.targets is not None:
+            width = self.targets.width
+            kd_ids = np.full((len(ids), width), -1, np.int64)
+            kd_lps = np.full((len(ids), width), -np.inf, np.float32)
+            rows = self.targets.get(i)
+            if rows is not None:
+                start = int(self.enc.answer_start[i])
+                n = min(len(rows[0]), len(ids) - start)
+                kd_ids[start:start + n], kd_lps[start:start + n] = rows[0][:n], rows[1][:n]
+            item.update(kd_ids=kd_ids, kd_lps=kd_lps)
+        return item
+
+
+def collate(items: list[dict], packing: bool = True, pad_id: int = 0) -> dict:
+    """Packing: one row, positions restarting per example (transformers then masks across examples).
+    Without packing: right-padded rows with an attention mask."""
+    keys = [k for k in ("input_ids", "labels", "kd_ids", "kd_lps") if k in items[0]]
+    fill = {"input_ids": pad_id, "labels": -100, "kd_ids": -1, "kd_lps": -np.inf}
+    if packing:
+        batch = {k: torch.from_numpy(np.concatenate([it[k] for it in items]))[None] for k in keys}
+        batch["position_ids"] = torch.from_numpy(np.concatenate([np.arange(len(it["input_ids"])) for it in items]))[None]
+        return batch
+    longest = max(len(it["input_ids"]) for it in items)
+    batch = {}
+    for k in keys:
+        rows = []
+        for it in items:
+            pad = [(0, longest - len(it[k]))] + [(0, 0)] * (it[k].ndim - 1)
+            rows.append(np.pad(it[k], pad, constant_values=fill[k]))
+        batch[k] = torch.from_numpy(np.stack(rows))
+    batch["attention_mask"] = torch.tensor([[1] * len(it["input_ids"]) + [0] * (longest - len(it["input_ids"]))
+                                            for it in items])
+    return batch
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+
+class DistillationTrainer(Trainer):
+    """A Trainer whose loss is token-averaged CE mixed with a distillation term (shifu.losses)."""
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, distill: DistillConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distill = distill
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count answer tokens per optimizer step
+        self._parts = torch.zeros(4, dtype=torch.float64)  # ce sum, kd sum, tokens, tokens with teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        kd_ids, kd_lps = inputs.pop("kd_ids", None), inputs.pop("kd_lps", None)
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != -100  # positions whose next token is an answer token
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
+        targets = labels[:, 1:][keep[:, :-1]]
+        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        per_token, kd_sum, n_kd = ce, ce.new_zeros(()), 0
+        if kd_ids is not None and self.distill.kd_ratio > 0:
+            ids, lps = kd_ids[:, 1:][keep[:, :-1]], kd_lps[:, 1:][keep[:, :-1]]
+            has = (ids >= 0).any(-1)
+            if has.any():
+                d = self.distill
+                kd = torch.zeros_like(ce)
+                kd[has] = distill_loss(logits[has], ids[has], lps[has], d.variant, d.temperature, d.beta, d.skew_alpha)
+                per_token = combine(ce, kd, has, d.kd_ratio)
+                kd_sum, n_kd = kd[has].sum(), int(has.sum())
+        total = per_token.sum()
+        if num_items_in_batch is not None and model.training:
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients; undo it for a global token mean
+        else:
+            loss = total / max(1, len(targets))
+        if model.training:
+            self._parts += torch.tensor([ce.sum().item(), float(kd_sum), len(targets), n_kd], dtype=torch.float64)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._parts[2] > 0:
+            ce, kd, n, n_kd = self._parts.tolist()
+            logs.update(ce=round(ce / n, 4), kd_coverage=round(n_kd / n, 4))
+            if n_kd:
+                logs["kd"] = round(kd / n_kd, 4)
+            self._parts.zero_()
+        super().log(logs, *args, **kwargs)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+def precision(cfg: Config) -> dict:
+    cuda = torch.cuda.is_available()
+    want = cfg.train.precision
+    if want == "auto":
+        want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if want in ("bf16", "fp16") and not cuda:
+        raise UserError(f"train.precision={want} needs a CUDA GPU; use auto or fp32 on CPU")
+    return {"bf16": want == "bf16", "fp16": want == "fp16"}
+
+
+def load_student(cfg: Config):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    quant, dtype = None, torch.float32
+    if cfg.train.quantization == "4bit":
+        if not torch.cuda.is_available():
+            raise UserError("train.quantization=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; set it to none on CPU")
+        from transformers import BitsAndBytesConfig
+
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)
+    model = load_causal_lm(cfg.model_name, cfg.trust_remote_code, dtype, quant)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def training_args(cfg: Config, has_eval: bool) -> TrainingArguments:
+    t = cfg.train
+    eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
+    return TrainingArguments(
+        output_dir=str(cfg.work / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs, max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, eval_strategy=eval_strategy, eval_steps=t.eval_steps,
+        report_to=[r for r in t.report_to if r != "none"], seed=t.seed, data_seed=t.seed,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
+        train_sampling_strategy="random" if t.packing else "group_by_length",
+        average_tokens_across_devices=True, dataloader_num_workers=0,
+        disable_tqdm=not os.isatty(2), use_cpu=not torch.cuda.is_available(), **precision(cfg))
+
+
+def read_split(cfg: Config) -> tuple[list[dict], list[dict]]:
+    train_path = Path(cfg.jsonl_output_path)
+    if not train_path.exists():
+        raise UserError(f"{train_path}: no training data; run `shifu teach` and `shifu dataset` first")
+    train = list(read_jsonl(train_path))
+    held = list(read_jsonl(cfg.eval_jsonl_path)) if cfg.eval_jsonl_path.exists() else []
+    if not train:
+        raise UserError(f"{train_path}: empty; no examples to train on")
+    return train, held
+
+
+def _checkpoint_to_resume(cfg: Config, fingerprint: str) -> str | None:
+    folder = cfg.work / "checkpoints"
+    stamp = folder / "shifu_fingerprint.json"
+    if folder.exists() and read_json(stamp, {}).get("fingerprint") != fingerprint:
+        shutil.rmtree(folder)  # checkpoints of other data or settings must not be resumed
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(stamp, {"fingerprint": fingerprint})
+    done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in done if (p / "trainer_state.json").exists()]
+    return str(done[-1]) if done else None
+
+
+def run_train(cfg: Config) -> dict:
+    from shifu.plots import loss_curve
+
+    train, held = read_split(cfg)
+    tok = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
+    cache = cfg.work / "cache"
+    enc_train = encode_examples(tok, train, cfg.max_length, cfg.train.system_prompt, cache)
+    enc_eval = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cache) if held else None
+    targets, kd_info = build_targets(cfg, tok, train, enc_train)
+    model = load_student(cfg)
+    fingerprint = hash_obj([cfg.model_dump(exclude={"eval", "teacher"}), str(Path(cfg.jsonl_output_path).stat().st_mtime_ns)])
+    resume = _checkpoint_to_resume(cfg, fingerprint)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.work / "tensorboard"))
+    trainer = DistillationTrainer(
+        model=model, args=training_args(cfg, enc_eval is not None), train_dataset=SFTDataset(enc_train, targets),
+        eval_dataset=SFTDataset(enc_eval) if enc_eval is not None else None, distill=cfg.distill,
+        data_collator=lambda items: collate(items, cfg.train.packing, tok.pad_token_id))
+    if resume:
+        log.info("resuming from %s", resume)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.time() - t0
+    tokens = int(sum(len(x) for x in enc_train.input_ids) * cfg.num_epochs) if cfg.train.max_steps < 0 else None
+    summary = {"train_examples": len(train), "eval_examples": len(held), "steps": result.global_step,
+               "train_loss": round(result.training_loss, 4), "seconds": round(seconds, 1),
+               "truncated_examples": enc_train.truncated, "resumed_from": resume, **kd_info,
+               "tokens_per_second": round(tokens / seconds, 1) if tokens and not resume else None}
+    if trainer.is_world_process_zero():
+        with atomic_dir(cfg.output_dir) as tmp:
+            trainer.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "shifu_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            write_json(tmp / "train_summary.json", summary)
+            loss_curve(trainer.state.log_history, tmp / "loss_curve.png")
+    return summary
