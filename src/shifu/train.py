@@ -131,7 +131,8 @@ class DistillationTrainer(Trainer):
         else:
             loss = total / max(1, len(targets))
         if model.training:
-            self._parts += torch.tensor([ce.sum().item(), float(kd_sum), len(targets), n_kd], dtype=torch.float64)
+            self._parts += torch.tensor([ce.detach().sum().item(), kd_sum.detach().item(), len(targets), n_kd],
+                                        dtype=torch.float64)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -187,8 +188,8 @@ def training_args(cfg: Config, has_eval: bool) -> TrainingArguments:
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy=eval_strategy, eval_steps=t.eval_steps,
         report_to=[r for r in t.report_to if r != "none"], seed=t.seed, data_seed=t.seed,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
         train_sampling_strategy="random" if t.packing else "group_by_length",
         average_tokens_across_devices=True, dataloader_num_workers=0,
