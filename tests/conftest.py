@@ -128,3 +128,21 @@ def make_config(tmp_path, tiny_student):
         return config_from_dict(tree)
 
     return make
+
+
+def write_config(cfg, path: Path) -> Path:
+    """The resolved config as YAML, for a `shifu` subprocess."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_shifu(*args, env=None, timeout=300):
+    """`python -m shifu ...` in a subprocess; returns the CompletedProcess (never raises on failure)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "shifu", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=ROOT)

@@ -61,9 +61,9 @@ def align(answer: bytes, student_pieces: list[bytes], student_ids: list[int], te
     s_sp, t_sp = spans(student_pieces) - s_shift, spans(teacher_tokens) - t_shift
     starts = {int(a): j for j, (a, _) in enumerate(t_sp)}
     for i in range(m):
-        s, e = int(s_sp[i, 0]), int(s_sp[i, 1])
+        s, e = max(0, int(s_sp[i, 0])), int(s_sp[i, 1])
         j = starts.get(s)
-        if j is None or s < 0:
+        if j is None:
             continue
         j2, end = j, int(t_sp[j, 1])
         while end < e and j2 + 1 < len(t_sp):
@@ -72,7 +72,9 @@ def align(answer: bytes, student_pieces: list[bytes], student_ids: list[int], te
         if end != e:
             continue
         if j2 == j:
-            ids = [vocab.get(b) for b in cand[j]]
+            # a SentencePiece student's first piece carries the space it inserted; so must the candidates
+            lead = b" " if (i == 0 and s_shift == 1) else b""
+            ids = [vocab.get(lead + b) for b in cand[j]]
             pairs = [(t, float(lp)) for t, lp in zip(ids, cand_lp[j]) if t is not None and np.isfinite(lp)]
             if student_ids[i] not in {t for t, _ in pairs}:
                 pairs.append((student_ids[i], float(teacher_lp[j])))

@@ -11,7 +11,11 @@ requests a short text made of the prompt's own characters, so quality checks pas
   (connection dropped), truncated (body cut short), invalid (not JSON), blank_json (blank content
   in JSON mode), keepalive (blank lines and ': keep-alive' before the body; a valid answer),
   empty (blank answer), length (cut at max_tokens), refusal.
-`fatal_status` answers every request with that status (401, 402, 404, ...).
+`fault_first=N` instead faults the first N requests of every distinct request, then answers it:
+deterministic, so a test can check that each fault is retried (or flagged) and then stored.
+`fatal_status` answers every request after the first `fatal_after` with that status (401, 402,
+404, ...), at once, without the latency: requests already in flight still get their answers.
+`no_logprobs` ignores `logprobs` as some servers do. `arrivals` lists (monotonic time, key).
 It binds 127.0.0.1 only and stops itself after `lifetime` seconds.
 """
 
@@ -31,14 +35,22 @@ from aiohttp import web
 
 FAULTS = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json",
           "keepalive", "empty", "length", "refusal"]
+KEEPALIVE = b"\n\n: keep-alive\n\n\n\n"  # what DeepSeek sends while a busy request waits
 
 
 class FakeBackend:
     def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, faults: list[str] | None = None,
                  fatal_status: int | None = None, seed: int = 0, tokenizer: str | None = None,
-                 timeout_sleep: float = 30.0):
+                 timeout_sleep: float = 30.0, fault_first: int = 0, retry_after: str = "0",
+                 fatal_after: int = 0, no_logprobs: bool = False, echo_key: bool = False):
         self.latency, self.fault_rate, self.fatal_status = latency, fault_rate, fatal_status
         self.faults = faults or FAULTS
+        unknown = set(self.faults) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; choose from {','.join(FAULTS)}")
+        self.fault_first, self.retry_after, self.fatal_after = fault_first, retry_after, fatal_after
+        self.no_logprobs = no_logprobs
+        self.echo_key = echo_key  # a careless server that quotes the key back in its 401 body
         self.rng = random.Random(seed)
         self.timeout_sleep = timeout_sleep
         self.tok = None
@@ -50,6 +62,8 @@ class FakeBackend:
         self.answered_by_key: Counter = Counter()  # requests answered with a 200 and a valid body
         self.faults_sent: Counter = Counter()
         self.auth_headers: list[str] = []
+        self.arrivals: list[tuple[float, str]] = []
+        self.received = 0
 
     # -- content --------------------------------------------------------------------------------
     @staticmethod
@@ -106,7 +120,7 @@ class FakeBackend:
         elif fault == "blank_json" and body.get("response_format"):
             text = ""
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        if body.get("logprobs") and body.get("top_logprobs") is not None:
+        if body.get("logprobs") and body.get("top_logprobs") is not None and not self.no_logprobs:
             choice["logprobs"] = self.logprobs(body, text)
         prompt_tokens = len(body["messages"][-1]["content"]) // 2 + 8
         hit = prompt_tokens // 3
@@ -121,16 +135,20 @@ class FakeBackend:
         body = await request.json()
         key = self.key(body)
         self.requests_by_key[key] += 1
-        self.auth_headers.append(request.headers.get("Authorization", ""))
+        self.received += 1
+        self.arrivals.append((time.monotonic(), key))
+        auth = request.headers.get("Authorization", "")
+        self.auth_headers.append(auth)
+        if self.fatal_status and self.received > self.fatal_after:
+            message = f"fake fatal error for {auth}" if self.echo_key else "fake fatal error"
+            return web.json_response({"error": {"message": message, "type": "fake"}}, status=self.fatal_status)
         if self.latency:
             await asyncio.sleep(self.latency)
-        if self.fatal_status:
-            return web.json_response({"error": {"message": "fake fatal error", "type": "fake"}}, status=self.fatal_status)
-        fault = self.rng.choice(self.faults) if self.rng.random() < self.fault_rate else None
+        fault = self._draw_fault(key)
         if fault:
             self.faults_sent[fault] += 1
         if fault in ("429", "500", "502", "503", "504"):
-            headers = {"Retry-After": "0"} if fault == "429" else {}
+            headers = {"Retry-After": self.retry_after} if fault == "429" else {}
             return web.json_response({"error": {"message": f"fake {fault}"}}, status=int(fault), headers=headers)
         if fault == "timeout":
             await asyncio.sleep(self.timeout_sleep)
@@ -142,13 +160,13 @@ class FakeBackend:
             return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
         if fault in ("truncated", "keepalive"):
             resp = web.StreamResponse(headers={"Content-Type": "application/json"})
-            resp.content_length = len(payload) + (20 if fault == "keepalive" else 0)
+            resp.content_length = len(payload) + (len(KEEPALIVE) if fault == "keepalive" else 0)
             await resp.prepare(request)
             if fault == "truncated":
                 await resp.write(payload[: len(payload) // 2])
                 request.transport.abort()
                 return resp
-            await resp.write(b"\n\n: keep-alive\n\n\n\n")  # 20 bytes, as DeepSeek sends while busy
+            await resp.write(KEEPALIVE)
             await asyncio.sleep(0.01)
             await resp.write(payload)
             await resp.write_eof()
@@ -156,6 +174,13 @@ class FakeBackend:
             return resp
         self._answered(key, fault)
         return web.Response(body=payload, content_type="application/json")
+
+    def _draw_fault(self, key: str) -> str | None:
+        if self.fault_first:
+            if self.requests_by_key[key] > self.fault_first:
+                return None
+            return self.faults[(self.requests_by_key[key] - 1) % len(self.faults)]
+        return self.rng.choice(self.faults) if self.rng.random() < self.fault_rate else None
 
     def _answered(self, key: str, fault: str | None) -> None:
         if fault not in ("blank_json",):
@@ -201,11 +226,15 @@ class FakeServer:
 
     def _serve(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.run_until_complete(self._main())
+        try:
+            self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        runner = web.AppRunner(self.backend.app(), access_log=None, handle_signals=False)
+        # A short shutdown: handlers still sleeping out a 'timeout' fault must not hold up the exit.
+        runner = web.AppRunner(self.backend.app(), access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port)
         await site.start()
@@ -216,6 +245,11 @@ class FakeServer:
         except asyncio.TimeoutError:
             pass
         await runner.cleanup()
+        # Handlers still sleeping out a 'timeout' fault: end them here, not as warnings at exit.
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
 
 def main() -> None:
@@ -224,12 +258,17 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--fault-rate", type=float, default=0.0)
     p.add_argument("--faults", default=",".join(FAULTS))
+    p.add_argument("--fault-first", type=int, default=0, help="fault the first N requests of each distinct request")
+    p.add_argument("--retry-after", default="0", help="Retry-After header value sent with 429")
     p.add_argument("--fatal-status", type=int)
+    p.add_argument("--fatal-after", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer")
     p.add_argument("--lifetime", type=float, default=900.0, help="stop after this many seconds")
     a = p.parse_args()
     server = FakeServer(lifetime=a.lifetime, latency=a.latency, fault_rate=a.fault_rate,
-                        faults=a.faults.split(","), fatal_status=a.fatal_status, tokenizer=a.tokenizer)
+                        faults=a.faults.split(","), fatal_status=a.fatal_status, tokenizer=a.tokenizer,
+                        fault_first=a.fault_first, retry_after=a.retry_after, fatal_after=a.fatal_after, seed=a.seed)
     server.port = a.port
     with server:
         print(f"fake OpenAI server on {server.url} for {a.lifetime:.0f}s", flush=True)

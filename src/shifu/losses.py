@@ -27,10 +27,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _with_tail(logp_k: torch.Tensor) -> torch.Tensor:
-    """(N, k) candidate log-probs (-inf where padded) -> (N, k + 1) with the tail bucket last."""
-    tail = _log1mexp(torch.logsumexp(logp_k, dim=-1, keepdim=True)).clamp(min=TAIL_FLOOR)
-    return torch.cat([logp_k, tail], dim=-1)
+def _with_tail(logp_k: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
+    """(N, k) candidate log-probs (-inf where padded) -> (N, k + 1) with the tail bucket last.
+
+    A tail below `noise` (rounding in stored top-k sums) is set to the floor, not kept as mass."""
+    tail = _log1mexp(torch.logsumexp(logp_k, dim=-1, keepdim=True))
+    if noise:
+        tail = torch.where(tail < torch.log(torch.tensor(noise)), torch.full_like(tail, TAIL_FLOOR), tail)
+    return torch.cat([logp_k, tail.clamp(min=TAIL_FLOOR)], dim=-1)
 
 
 def bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -40,7 +44,7 @@ def bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, teacher_lo
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     s_k = s_logp.gather(-1, ids.clamp(min=0)).masked_fill(~valid, float("-inf"))
     t_k = teacher_logprobs.float().masked_fill(~valid, float("-inf"))
-    t = _with_tail(t_k)
+    t = _with_tail(t_k, noise=1e-5)
     if temperature != 1.0:
         t = F.log_softmax(t / temperature, dim=-1)
     return t, _with_tail(s_k)

@@ -84,10 +84,19 @@ def _plan(name: str, cfg: Config) -> tuple[Callable[[Config], dict], list, list,
     raise ValueError(name)
 
 
+def is_main_process() -> bool:
+    """Under torchrun / accelerate launch every rank runs the stage; only rank 0 writes records."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_stage(name: str, cfg: Config, force: bool = False) -> dict:
     fn, inputs, outputs, settings = _plan(name, cfg)
+    main = is_main_process()
     cfg.work.mkdir(parents=True, exist_ok=True)
-    write_text(cfg.work / "config.yaml", dump_config(cfg))
+    if main:
+        write_text(cfg.work / "config.yaml", dump_config(cfg))
     manifest = Manifest(cfg.work)
     fingerprint = manifest.fingerprint(inputs, [name, settings])
     if not force and manifest.is_fresh(name, fingerprint, outputs):
@@ -97,6 +106,8 @@ def run_stage(name: str, cfg: Config, force: bool = False) -> dict:
     t0 = time.time()
     stats = fn(cfg)
     stats = {**stats, "stage_seconds": round(time.time() - t0, 2)}
+    if not main:
+        return stats
     if stats.get("complete", True):  # an incomplete teach run stays stale, so a rerun retries it
         manifest.record(name, fingerprint, stats)
     if name == "dataset":

@@ -36,19 +36,28 @@ def teacher_progress(expected: int, cfg) -> Iterator:
     """A bar with done / failed / retried counts, tokens and cost so far."""
     columns = [TextColumn("teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn()]
-    last = [0.0]
+    last, latest = [0.0], [None]
     with Progress(*columns, console=console, disable=not sys.stderr.isatty()) as progress:
         bar = progress.add_task("teacher", total=expected, info="")
 
-        def update(stats) -> None:
-            now = time.monotonic()
-            if now - last[0] < 0.1:
-                return
-            last[0] = now
+        def draw(stats) -> None:
             finished = stats.done + stats.cached + stats.failed + stats.unsent
             tokens = stats.prompt_tokens + stats.completion_tokens
             info = (f"done {stats.done} cached {stats.cached} failed {stats.failed} retried {stats.retried} "
                     f"tokens {tokens:,} cost {stats.cost:.4f}")
             progress.update(bar, completed=finished, total=max(expected, stats.planned), info=info)
 
-        yield update
+        def update(stats) -> None:
+            # Called once per request: redraw at most 10 times a second, so that thousands of
+            # requests a second cost the client nothing.
+            latest[0] = stats
+            now = time.monotonic()
+            if now - last[0] >= 0.1:
+                last[0] = now
+                draw(stats)
+
+        try:
+            yield update
+        finally:
+            if latest[0] is not None:  # the last requests fell inside the 0.1 s window: show the end state
+                draw(latest[0])

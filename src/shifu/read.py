@@ -5,25 +5,29 @@
         print(block.source, block.offset, len(block.text))
 
 Inputs: .txt and .md as plain text, .jsonl with one document per line (a configurable field), and
-.pdf / .docx when the optional `docs` extra is installed (pypdf, python-docx). Encodings: a BOM
-decides first (UTF-8, UTF-16, UTF-32); then strict UTF-8; then charset-normalizer's best guess
-(GB18030 for any GB2312/GBK guess, since it is a superset; Big5; ...). `data.encoding` overrides.
-Normalisation: CRLF and CR become LF, control characters other than LF and TAB are dropped, a BOM
-inside the text is dropped; full-width punctuation is kept as written (no NFKC).
-Large inputs are streamed in blocks of about BLOCK_CHARS characters cut at a paragraph, line or
-sentence boundary, so memory does not grow with the size of the corpus.
-Offsets are character offsets into the normalised text of each document.
+.pdf / .docx when the optional `docs` extra is installed (pypdf, python-docx). A folder gives every
+supported file under it, a glob every supported file it matches (hidden files are skipped); a single
+file is read as text whatever its suffix. Encodings: a BOM decides first (UTF-8, UTF-16, UTF-32);
+then strict UTF-8; then charset-normalizer's best guess (GB18030 for any GB2312/GBK guess, since it
+is a superset; Big5; ...). `data.encoding` overrides. NUL bytes without a UTF-16/32 BOM mean binary.
+Normalisation: CRLF and CR become LF, Unicode line and paragraph separators become LF, control
+characters other than LF and TAB are dropped, a BOM inside the text is dropped; full-width
+punctuation is kept as written (no NFKC).
+Large inputs are streamed in blocks of at most `block_chars` characters, cut at a paragraph, line
+or sentence boundary where one lies in the second half of the block, so memory does not grow with
+the size of the corpus. Offsets are character offsets into the normalised text of each document.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from shifu.errors import UserError
 
@@ -33,9 +37,12 @@ BLOCK_CHARS = 1 << 20
 SNIFF_BYTES = 1 << 16
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe]")
+_LINE_SEPARATORS = re.compile("[\u2028\u2029\x85]")
 _GB_FAMILY = {"gb2312", "gbk", "gb18030", "hz", "cp936"}
+# UTF-32 first: its little-endian BOM begins with UTF-16's.
 _BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]
+_SENTENCE_END = re.compile(r"[。！？!?…]+[”’」』）)》】\"']*|[.](?=\s)")
 
 
 @dataclass(frozen=True)
@@ -45,15 +52,20 @@ class Block:
     text: str
 
 
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
 def find_sources(raw_data_path: str) -> list[Path]:
     """A file, every supported file under a folder, or a glob; sorted, so runs are reproducible."""
     p = Path(raw_data_path)
     if p.is_file():
         return [p]
     if p.is_dir():
-        files = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SUFFIXES)
+        files = [q for q in p.rglob("*") if q.is_file() and _visible(q, p)]
     else:
-        files = sorted(Path(q) for q in glob.glob(raw_data_path, recursive=True) if Path(q).is_file())
+        files = [Path(q) for q in glob.glob(raw_data_path, recursive=True) if Path(q).is_file()]
+    files = sorted(q for q in files if q.suffix.lower() in SUFFIXES)
     if not files:
         raise UserError(f"raw_data_path {raw_data_path!r}: no such file, or no .txt/.md/.jsonl/.pdf/.docx "
                         "files there; point raw_data_path at your data.txt")
@@ -63,6 +75,7 @@ def find_sources(raw_data_path: str) -> list[Path]:
 def normalise(text: str) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_SEPARATORS.sub("\n", text)
     return _CONTROL.sub("", text)
 
 
@@ -78,78 +91,96 @@ def detect_encoding(path: Path, override: str | None = None) -> str:
     for bom, name in _BOMS:
         if head.startswith(bom):
             return name
-    if not head:
-        return "utf-8"
+    if b"\x00" in head:  # valid UTF-8 can hold NULs, text never does
+        raise UserError(f"{path}: looks binary (NUL bytes, no UTF-16 BOM); give a text file, "
+                        "or set data.encoding (e.g. utf-16-le)")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
         return "utf-8"
     except UnicodeDecodeError:
         pass
-    if b"\x00" in head:
-        raise UserError(f"{path}: looks binary (NUL bytes, no UTF-16 BOM); give a text file, or set data.encoding")
     from charset_normalizer import from_bytes
 
     best = from_bytes(head).best()
     if best is None:
-        raise UserError(f"{path}: cannot tell its text encoding; set data.encoding (e.g. gb18030, big5)")
+        raise UserError(f"{path}: binary, or an unknown text encoding; give a text file or set "
+                        "data.encoding (e.g. gb18030, big5)")
     name = best.encoding.lower().replace("-", "").replace("_", "")
     return "gb18030" if name in _GB_FAMILY else best.encoding
 
 
 def _cut_point(text: str) -> int:
-    """Where to end a block: the last paragraph break, else line break, else sentence end, else the end."""
+    """Where to end a block: the last paragraph break, line break or sentence end in its second half,
+    else the last whitespace there, else the end."""
+    half = len(text) // 2
     for pattern in ("\n\n", "\n"):
         i = text.rfind(pattern)
-        if i > len(text) // 2:
+        if i >= half:
             return i + len(pattern)
     m = None
-    for m in re.finditer(r"[。！？!?…]+[”’」』）)》】\"']*|[.](?=\s)", text[len(text) // 2:]):
+    for m in _SENTENCE_END.finditer(text, half):
         pass
     if m is not None:
-        return len(text) // 2 + m.end()
+        return m.end()
     space = max(text.rfind(" "), text.rfind("\t"))
-    return space + 1 if space > len(text) // 2 else len(text)
+    return space + 1 if space >= half else len(text)
 
 
-def _stream_text(path: Path, source: str, encoding: str, block_chars: int) -> Iterator[Block]:
+def _blocks(read: Callable[[int], str], source: str, block_chars: int) -> Iterator[Block]:
+    """Blocks of at most block_chars from read(n) (which returns up to n normalised characters)."""
     offset, carry = 0, ""
-    try:
-        with open(path, encoding=encoding, errors="strict", newline=None) as f:
-            while piece := f.read(block_chars):
-                text = carry + normalise(piece)
-                cut = _cut_point(text)
-                if cut:
-                    yield Block(source, offset, text[:cut])
-                    offset += cut
-                carry = text[cut:]
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not valid {encoding} ({err.reason} at byte {err.start} of a block); "
-                        "set data.encoding to the file's encoding") from None
+    while piece := read(block_chars - len(carry)):
+        text = carry + piece
+        cut = _cut_point(text)
+        yield Block(source, offset, text[:cut])
+        offset += cut
+        carry = text[cut:]
     if carry:
         yield Block(source, offset, carry)
 
 
-def _read_jsonl(path: Path, field: str, encoding: str) -> Iterator[Block]:
-    with open(path, encoding=encoding) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: not valid JSON; each line must be one JSON object") from None
-            text = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(f"{path}:{n}: no string field {field!r}; set data.text_field to the field that holds the text")
-            yield Block(f"{path}#L{n}", 0, normalise(text))
+def _decode_error(path: Path, encoding: str, err: UnicodeDecodeError) -> UserError:
+    return UserError(f"{path}: not valid {encoding} ({err.reason}); set data.encoding to the file's encoding")
+
+
+def _read_text(path: Path, encoding: str, block_chars: int) -> Iterator[Block]:
+    try:
+        # newline=None translates CRLF and CR even when a pair straddles two reads.
+        with open(path, encoding=encoding, errors="strict", newline=None) as f:
+            yield from _blocks(lambda n: normalise(f.read(n)), str(path), block_chars)
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, encoding, err) from None
+
+
+def _read_jsonl(path: Path, field: str, encoding: str, block_chars: int) -> Iterator[Block]:
+    try:
+        with open(path, encoding=encoding, errors="strict") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+                text = record.get(field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise UserError(f"{path}:{n}: no string field {field!r}; set data.text_field to the field "
+                                    "that holds the text")
+                yield from _blocks(io.StringIO(normalise(text)).read, f"{path}#L{n}", block_chars)
+    except UnicodeDecodeError as err:
+        raise _decode_error(path, encoding, err) from None
 
 
 def _read_pdf(path: Path) -> str:
     try:
         from pypdf import PdfReader
+        from pypdf.errors import PdfReadError
     except ImportError:
         raise UserError(f"{path}: reading PDF needs the docs extra: pip install 'shifu[docs]'") from None
-    return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+    try:
+        return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+    except (PdfReadError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: not a readable PDF ({type(err).__name__}); export it again or convert it to .txt") from None
 
 
 def _read_docx(path: Path) -> str:
@@ -157,7 +188,21 @@ def _read_docx(path: Path) -> str:
         import docx
     except ImportError:
         raise UserError(f"{path}: reading .docx needs the docs extra: pip install 'shifu[docs]'") from None
-    return "\n\n".join(p.text for p in docx.Document(str(path)).paragraphs)
+    import zipfile
+
+    from docx.opc.exceptions import PackageNotFoundError
+
+    try:
+        document = docx.Document(str(path))
+    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as err:
+        raise UserError(f"{path}: not a readable .docx ({type(err).__name__}); save it again as .docx or .txt") from None
+    parts = []
+    for item in document.iter_inner_content():  # paragraphs and tables in document order
+        if hasattr(item, "rows"):
+            parts.extend("\t".join(cell.text for cell in row.cells) for row in item.rows)
+        else:
+            parts.append(item.text)
+    return "\n\n".join(parts)
 
 
 def read_blocks(raw_data_path: str, encoding: str | None = None, text_field: str = "text",
@@ -166,10 +211,11 @@ def read_blocks(raw_data_path: str, encoding: str | None = None, text_field: str
     for path in find_sources(raw_data_path):
         suffix = path.suffix.lower()
         if suffix == ".pdf":
-            yield Block(str(path), 0, normalise(_read_pdf(path)))
+            yield from _blocks(io.StringIO(normalise(_read_pdf(path))).read, str(path), block_chars)
         elif suffix == ".docx":
-            yield Block(str(path), 0, normalise(_read_docx(path)))
+            yield from _blocks(io.StringIO(normalise(_read_docx(path))).read, str(path), block_chars)
         elif suffix == ".jsonl":
-            yield from _read_jsonl(path, text_field, detect_encoding(path, encoding))
+            yield from _read_jsonl(path, text_field, detect_encoding(path, encoding), block_chars)
         else:
-            yield from _stream_text(path, str(path), detect_encoding(path, encoding), block_chars)
+            yield from _read_text(path, detect_encoding(path, encoding), block_chars)
+

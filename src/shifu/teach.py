@@ -10,6 +10,8 @@ What the runner guarantees:
 - bounded concurrency (`max_concurrency`) and optional requests- and tokens-per-minute limits;
 - retries with exponential backoff and full jitter, never shorter than the server's Retry-After;
 - fail fast on 400/401/402/403/404/422: nothing new is sent, in-flight answers are still saved;
+- an unreachable server (requests failing on connection errors alone) ends the run with one line
+  instead of thousands of futile retries; its requests are recorded as failed for the next run;
 - every answer committed to the store before it is counted; stored answers are never re-sent;
 - `max_cost`: no request is started that could take the spend (stored + in flight) over budget.
 """
@@ -25,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shifu.config import Config
-from shifu.errors import TeacherError
+from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
 from shifu.store import Store
 from shifu.tasks import format_prompt, parse_questions, qa_answer_task
-from shifu.teacher import Request, Retryable, make_client, price_of
+from shifu.teacher import Request, Retryable, is_local, make_client, price_of
 
 log = logging.getLogger("shifu")
 
@@ -71,37 +73,39 @@ def questions_for(task: dict, cfg: Config, get: Callable[[str], dict | None]) ->
 # ---- limits -------------------------------------------------------------------------------------
 
 class RateLimiter:
-    """Token buckets for requests and tokens per minute; both refill continuously."""
+    """Token buckets for requests and tokens per minute, refilled continuously. A bucket holds one
+    second's worth (or one request's need, when that is more), so a run never fires a whole
+    minute's quota at once: any minute sees at most the limit plus one second's worth."""
 
     def __init__(self, rpm: float | None, tpm: float | None):
-        self.limits = {"req": rpm, "tok": tpm}
-        self.level = {k: (v or 0.0) for k, v in self.limits.items()}
+        self.rates = {k: v / 60 for k, v in (("req", rpm), ("tok", tpm)) if v}
+        self.level = dict(self.rates)
         self.t = time.monotonic()
         self.lock = asyncio.Lock()
 
-    def _refill(self) -> None:
+    def _refill(self, need: dict) -> None:
         now = time.monotonic()
-        for k, cap in self.limits.items():
-            if cap:
-                self.level[k] = min(cap, self.level[k] + (now - self.t) * cap / 60)
+        for k, rate in self.rates.items():
+            self.level[k] = min(max(rate, need[k]), self.level[k] + (now - self.t) * rate)
         self.t = now
 
     async def acquire(self, tokens: int) -> None:
+        if not self.rates:
+            return
         need = {"req": 1.0, "tok": float(tokens)}
-        async with self.lock:
+        async with self.lock:  # FIFO: waiters are served in order
             while True:
-                self._refill()
-                waits = [(min(need[k], cap) - self.level[k]) * 60 / cap
-                         for k, cap in self.limits.items() if cap and self.level[k] < min(need[k], cap)]
-                if not waits:
+                self._refill(need)
+                wait = max((need[k] - self.level[k]) / rate for k, rate in self.rates.items())
+                if wait <= 0:
                     break
-                await asyncio.sleep(max(waits))
-            for k, cap in self.limits.items():
-                if cap:
-                    self.level[k] -= min(need[k], cap)
+                await asyncio.sleep(wait)
+            for k in self.rates:
+                self.level[k] -= need[k]
 
     def correct(self, estimated: int, actual: int) -> None:
-        if self.limits["tok"]:
+        """Settle a request's token estimate against the usage the server reported."""
+        if "tok" in self.rates:
             self.level["tok"] -= actual - estimated
 
 
@@ -129,6 +133,11 @@ class Stats:
 
 # ---- the runner ---------------------------------------------------------------------------------
 
+# Worst-case prompt size for the budget: the character heuristic can undercount code, digits and
+# the chat template the server wraps around the prompt, so reserve half as much again, plus a bit.
+PROMPT_MARGIN, PROMPT_OVERHEAD = 1.5, 16
+
+
 class Runner:
     def __init__(self, cfg: Config, client, store: Store, on_progress: Callable[[Stats], None] = lambda s: None):
         self.cfg, self.tc, self.client, self.store = cfg, cfg.teacher, client, store
@@ -136,9 +145,20 @@ class Runner:
         self.on_progress = on_progress
         self.limiter = RateLimiter(self.tc.requests_per_minute, self.tc.tokens_per_minute)
         self.price = self.tc.prices.get(self.tc.model) if self.tc.kind == "openai" else None
+        if self.tc.max_cost is not None and self.tc.kind == "openai" and self.price is None:
+            # Without a price nothing can be counted, and a budget that is silently ignored is worse than none.
+            raise UserError(f"teacher.max_cost is set but teacher.prices has no entry for teacher.model "
+                            f"'{self.tc.model}'; add its prices (input_cache_hit, input_cache_miss, output per "
+                            f"million tokens) under teacher.prices.{self.tc.model}")
+        if self.price is None and self.tc.kind == "openai" and not is_local(self.tc.base_url):
+            log.warning("teacher.prices has no entry for '%s': costs are not counted; add one to see them",
+                        self.tc.model)
         self.spent = store.totals()["stored_cost"]
         self.reserved = 0.0
         self.fatal: TeacherError | None = None
+        self.stopping = asyncio.Event()  # fatal error or unreachable server: nothing new is sent, backoffs end
+        self.unreachable_streak = 0
+        self.unreachable_reason = ""  # set when the streak stopped the run
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seen: set[str] = set()
 
@@ -150,11 +170,25 @@ class Runner:
 
     async def run(self) -> Stats:
         workers = [asyncio.create_task(self._worker()) for _ in range(self.tc.max_concurrency)]
-        await self.queue.join()
-        for w in workers:
-            w.cancel()
+        joined = asyncio.create_task(self.queue.join())
+        # Workers loop forever, so one that ends has crashed (a bug, a full disk): stop instead of
+        # waiting for a queue that no one drains any more.
+        done, _ = await asyncio.wait([joined, *workers], return_when=asyncio.FIRST_COMPLETED)
+        for task in (joined, *workers):
+            task.cancel()
+        await asyncio.gather(joined, *workers, return_exceptions=True)
+        for task in done:
+            if task is not joined and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        if self.unreachable_reason and self.fatal is None:
+            s = self.stats
+            self.fatal = TeacherError(
+                f"cannot reach the teacher: {self.unreachable_reason}; check teacher.base_url and that the "
+                f"server is running ({s.failed} requests recorded as failed, to be retried)")
         if self.fatal is not None:
-            raise self.fatal
+            s = self.stats
+            raise TeacherError(f"{self.fatal} [{s.done} new answers stored, {s.unsent} requests not sent; "
+                               f"once fixed, rerun the same command to continue]") from None
         return self.stats
 
     async def _worker(self) -> None:
@@ -164,7 +198,7 @@ class Runner:
                 stored = self.store.get(req.key)
                 if stored is not None:
                     self.stats.cached += 1
-                elif self.fatal is not None or not self._reserve(req):
+                elif self.stopping.is_set() or not self._reserve(req):
                     self.stats.unsent += 1
                 else:
                     stored = await self._send(req)
@@ -175,7 +209,8 @@ class Runner:
                 self.queue.task_done()
 
     def _worst_cost(self, req: Request) -> float:
-        usage = {"prompt_tokens": req.est_prompt_tokens, "completion_tokens": self.tc.max_tokens}
+        prompt = int(req.est_prompt_tokens * PROMPT_MARGIN) + PROMPT_OVERHEAD
+        usage = {"prompt_tokens": prompt, "completion_tokens": self.tc.max_tokens}
         return price_of(usage, self.price, self.tc.peak_pricing) or 0.0
 
     def _reserve(self, req: Request) -> bool:
@@ -188,42 +223,62 @@ class Runner:
         self.reserved += worst
         return True
 
+    def _stop(self, err: TeacherError) -> None:
+        self.fatal = self.fatal or err
+        self.stopping.set()
+
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
     async def _send(self, req: Request) -> dict | None:
         est = req.est_prompt_tokens + int(self.tc.max_tokens * self.tc.expected_output_ratio)
-        attempts, reason = 0, ""
+        attempts, reason, unreachable = 0, "", False
         try:
-            while attempts < self.tc.max_attempts and self.fatal is None:
+            while attempts < self.tc.max_attempts and not self.stopping.is_set():
                 await self.limiter.acquire(est)
                 attempts += 1
                 self.stats.sent += 1
                 try:
                     ans = await self.client.complete(req)
                 except Retryable as err:
-                    reason = err.reason
+                    reason, unreachable = err.reason, err.unreachable
                     self.stats.retry_reasons[err.reason.split(" (")[0]] += 1
                     if attempts < self.tc.max_attempts:
                         self.stats.retried += 1
-                        await asyncio.sleep(self._backoff(attempts, err.retry_after))
+                        await self._pause(self._backoff(attempts, err.retry_after))
                     continue
                 except TeacherError as err:
-                    self.fatal = self.fatal or err
-                    reason = "fatal: " + str(err)
+                    self._stop(err)
+                    reason, unreachable = "fatal: " + str(err), False
                     break
                 return self._save(req, ans, attempts, est)
         finally:
-            self.reserved -= self._worst_cost(req) if self.tc.max_cost is not None and self.price else 0.0
+            if self.tc.max_cost is not None and self.price is not None:
+                self.reserved -= self._worst_cost(req)
         self.store.put_failed(req.key, reason or "not attempted", attempts)
         self.stats.failed += 1
         self.stats.failures[reason.split(" (")[0]] += 1
+        # Whole requests in a row failing because no connection can be made: the URL is wrong or
+        # the server is down, and thousands more attempts would only delay saying so.
+        self.unreachable_streak = self.unreachable_streak + 1 if unreachable else 0
+        if self.unreachable_streak >= min(self.tc.max_concurrency, 16):
+            self.unreachable_reason = reason
+            self.stopping.set()
         return None
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        delay = random.uniform(0, self.tc.backoff_base_s * 2 ** (attempt - 1))
-        return min(self.tc.backoff_max_s, max(delay, retry_after or 0.0))
+        """Full jitter up to backoff_max_s; a server's Retry-After is a floor, never cut short."""
+        delay = min(self.tc.backoff_max_s, random.uniform(0, self.tc.backoff_base_s * 2 ** (attempt - 1)))
+        return max(delay, retry_after or 0.0)
 
     def _save(self, req: Request, ans, attempts: int, est: int) -> dict:
         cost = price_of(ans.usage, self.price, self.tc.peak_pricing)
         self.store.put_ok(req.key, ans, cost, attempts)  # committed before it counts anywhere
+        self.unreachable_streak = 0
         s, u = self.stats, ans.usage
         s.done += 1
         s.prompt_tokens += int(u.get("prompt_tokens", 0))
@@ -234,7 +289,7 @@ class Runner:
         self.spent += cost or 0.0
         s.flags.update(ans.flags)
         self.limiter.correct(est, int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0)))
-        if req.params.get("top_logprobs") and ans.logprobs is None:
+        if req.params.get("top_logprobs") and ans.logprobs is None and ans.content.strip():
             if s.logprobs_missing == 0:
                 log.warning("the teacher server returned no logprobs although teacher.top_logprobs=%d; "
                             "going on without them (distillation falls back to the teacher's text)",

@@ -66,9 +66,12 @@ class Answer:
 
 
 class Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    """A failure a retry may fix. `unreachable`: no connection could be made at all (refused, DNS),
+    which the runner treats as a wrong base_url or a server that is down once it persists."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, unreachable: bool = False):
         super().__init__(reason)
-        self.reason, self.retry_after = reason, retry_after
+        self.reason, self.retry_after, self.unreachable = reason, retry_after, unreachable
 
 
 def estimate_tokens(text: str) -> int:
@@ -108,7 +111,8 @@ def unpack_logprobs(blob: bytes) -> tuple[list[bytes], np.ndarray, list[list[byt
     """-> (chosen token bytes, chosen logprobs (n,), candidate bytes per position, candidate logprobs (n, k))."""
     raw = zlib.decompress(blob)
     magic, n, k = struct.unpack_from("<4sII", raw)
-    assert magic == _MAGIC, "not a shifu logprobs blob"
+    if magic != _MAGIC:
+        raise ValueError("not a shifu logprobs blob (pack_logprobs writes them)")
     off = 12
     lens = np.frombuffer(raw, np.uint16, n * (k + 1), off).reshape(n, k + 1)
     off += lens.nbytes
@@ -248,7 +252,7 @@ class OpenAIClient:
         except asyncio.TimeoutError:
             raise Retryable("timeout") from None
         except aiohttp.ClientConnectorError as err:
-            raise Retryable(f"cannot connect to {self.tc.base_url} ({type(err).__name__})") from None
+            raise Retryable(f"cannot connect to {self.tc.base_url} ({type(err).__name__})", unreachable=True) from None
         except (aiohttp.ClientError, ConnectionError) as err:
             raise Retryable(f"connection error ({type(err).__name__})") from None
         if status in _RETRY_STATUS or status >= 500:
@@ -267,10 +271,15 @@ class OpenAIClient:
         finish = choice.get("finish_reason") or "stop"
         if not content.strip() and "response_format" in req.params and finish != "length":
             raise Retryable("blank content in JSON mode")
+        # An empty list is a real answer for an empty completion; only a missing list means "none".
         packed = None
-        lp = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
-        if lp and req.params.get("top_logprobs"):
-            packed = pack_logprobs(lp, int(req.params["top_logprobs"]))
+        lp = choice.get("logprobs")
+        entries = lp.get("content") if isinstance(lp, dict) else None
+        if isinstance(entries, list) and req.params.get("top_logprobs"):
+            try:
+                packed = pack_logprobs(entries, int(req.params["top_logprobs"]))
+            except (TypeError, ValueError, AttributeError):  # malformed logprobs: keep the answer, drop them
+                packed = None
         usage = {k: v for k, v in (body.get("usage") or {}).items() if isinstance(v, (int, float))}
         return Answer(content, finish, usage, packed, answer_flags(content, finish, message.get("refusal")))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 
 from shifu.config import Config, DistillConfig, dump_config
 from shifu.encode import Encoded, encode_examples
@@ -215,8 +215,19 @@ def _checkpoint_to_resume(cfg: Config, fingerprint: str) -> str | None:
     folder.mkdir(parents=True, exist_ok=True)
     write_json(stamp, {"fingerprint": fingerprint})
     done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    done = [p for p in done if (p / "trainer_state.json").exists()]
+    done = [p for p in done if _complete(p)]
     return str(done[-1]) if done else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    """The Trainer writes trainer_state.json last; a kill during a save leaves it missing or torn."""
+    import json
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def run_train(cfg: Config) -> dict:
@@ -228,6 +239,7 @@ def run_train(cfg: Config) -> dict:
     enc_train = encode_examples(tok, train, cfg.max_length, cfg.train.system_prompt, cache)
     enc_eval = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cache) if held else None
     targets, kd_info = build_targets(cfg, tok, train, enc_train)
+    set_seed(cfg.train.seed)  # LoRA's initial weights are random: same seed, same start
     model = load_student(cfg)
     fingerprint = hash_obj([cfg.model_dump(exclude={"eval", "teacher"}), str(Path(cfg.jsonl_output_path).stat().st_mtime_ns)])
     resume = _checkpoint_to_resume(cfg, fingerprint)
