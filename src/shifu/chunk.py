@@ -2,26 +2,36 @@
 
     shifu chunk configs/demo.yaml            # writes <work_dir>/chunks.jsonl
     from shifu.chunk import split_text       # pure: text -> [(start, end), ...]
+    split_text(text, 500)                    # at most 500 characters a chunk
+    split_text(text, 256, Tokens(tok))       # at most 256 tokens of a Hugging Face tokenizer
 
 Why our own splitter rather than semantic-text-splitter: measured here (../shared/BASELINES.md) it
 is quadratic on one huge string and, in token mode, leaves opening quotes at the end of chunks;
 LangChain's recursive splitter cuts a third of Chinese chunks mid-sentence. This one descends a
 fixed ladder of boundaries, each kept at the end of the piece before it:
-  blank line > line break > sentence end (。！？… .!? plus closing quotes) > clause (，；：,;:)
-  > whitespace > any character that is not a combining mark,
-and greedily packs the pieces of the highest level that fits. A sentence that fits is never split;
-one longer than the limit is split at its best clause, then word boundary. Offsets are kept, so
-every chunk points back to its source, and without overlap the chunks concatenate to the text.
-Exact and near-duplicate chunks (MinHash over character 5-grams, LSH banding) are removed and counted.
+  blank line > sentence end at a line end > sentence end (。！？… and .!? before a space, each with
+  its closing quotes) > clause (，；：、 and ,;: before a space) > line break > whitespace
+  > any character that neither splits a Latin word or number nor comes before a combining mark,
+descending only where a piece does not fit, and greedily packs the pieces, cutting each chunk at
+the strongest boundary that leaves it at least half full. A sentence that fits is never split; one
+longer than the limit is split at its best clause, then line, then word. A line break ranks below a
+clause because hard-wrapped text (Project Gutenberg, PDF extraction) breaks lines mid-sentence.
+Offsets are kept, so every chunk points back to its source, and without overlap the chunks
+concatenate to the text. In token mode, pieces are counted in batches (one tokenizer call per level
+of the ladder, not one per piece), and every finished chunk is counted again as a whole, since token
+counts of pieces do not quite add up.
+Exact and near-duplicate chunks are removed and counted: one-permutation MinHash over character
+5-grams (64 buckets, densified), computed for a whole block of chunks in one vectorised pass, and
+LSH banding (16 bands of 4) to find candidates. The index keeps, per kept chunk, its signature and
+16 band keys, so it grows by about 1.5 KB per chunk (docs/BENCHMARKS.md has the measured figure).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import unicodedata
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -31,70 +41,210 @@ from shifu.files import atomic_path
 from shifu.read import Block, read_blocks
 
 _CLOSERS = "”’」』）)》】\"'"
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff"
+_ENDS = "。！？….!?"
+# A Latin .!? ends a sentence only before whitespace, the end, or CJK: not inside 3.14, e.g. or a URL.
+_SENTENCE = rf"(?:[。！？…]+[{_CLOSERS}]*|[.!?]+[{_CLOSERS}]*(?=\s|$|[{_CJK_CHARS}]))"
+SENTENCE_END = re.compile(rf"(?=[{_ENDS}]){_SENTENCE}")
+# Each pattern starts with a lookahead on one character class: it lets `re` skip ahead fast (3x on English).
 LEVELS = [
-    re.compile(r"\n[ \t]*\n\s*"),
-    re.compile(r"\n+"),
-    re.compile(rf"(?:[。！？!?]+|…+|\.{{3,}}|\.(?=\s|$))[{_CLOSERS}]*\s*"),
-    re.compile(rf"[，；：、,;:][{_CLOSERS}]*\s*"),
-    re.compile(r"\s+"),
+    re.compile(r"\n[ \t]*\n\s*"),                                          # paragraph
+    re.compile(rf"[{_ENDS}]+[{_CLOSERS}]*[ \t]*\n\s*"),                     # sentence that ends a line
+    re.compile(rf"(?=[{_ENDS}]){_SENTENCE}\s*"),                            # sentence
+    re.compile(rf"(?=[，；：、,;:])(?:[，；：、][{_CLOSERS}]*\s*|[,;:][{_CLOSERS}]*(?:\s+|$|(?=[{_CJK_CHARS}])))"),  # clause
+    re.compile(r"\n\s*"),                                                  # line
+    re.compile(r"\s+"),                                                    # word
 ]
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
+HARD = len(LEVELS)  # the last resort: between two characters
+_SURELY_OVER = 8  # a span longer than 8 units' worth of characters per unit is split unmeasured
 
-Measure = Callable[[str], int]
 
+# ---- measures -----------------------------------------------------------------------------------
+
+class Chars:
+    """chunk_unit chars: the size of a span is its length, and sizes add up exactly."""
+
+    additive = True
+
+    def span_sizes(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        return [b - a for a, b in spans]
+
+
+class Func:
+    """Any function of a string, e.g. a word count; sizes are checked again on whole chunks."""
+
+    additive = False
+
+    def __init__(self, fn: Callable[[str], int]):
+        self.fn = fn
+
+    def span_sizes(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        return [self.fn(text[a:b]) for a, b in spans]
+
+
+class Tokens:
+    """chunk_unit tokens: counts from a Hugging Face tokenizer, many spans per call."""
+
+    additive = False
+    BATCH_CHARS = 1 << 16  # bounds the tokenizer's memory for one call
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: count without Python lists
+        self.encode = backend and getattr(backend, "encode_batch_fast", backend.encode_batch)
+
+    def sizes(self, texts: list[str]) -> list[int]:
+        out: list[int] = []
+        start = chars = 0
+        for end, t in enumerate(texts, 1):
+            chars += len(t)
+            if chars >= self.BATCH_CHARS or end == len(texts):
+                out.extend(self._count(texts[start:end]))
+                start, chars = end, 0
+        return out
+
+    def _count(self, texts: list[str]) -> list[int]:
+        if self.encode:
+            return [len(e) for e in self.encode(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def span_sizes(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        return self.sizes([text[a:b] for a, b in spans])
+
+
+Measure = Chars | Func | Tokens
+
+
+def as_measure(measure) -> Measure:
+    if measure is None or measure is len:
+        return Chars()
+    if hasattr(measure, "span_sizes"):
+        return measure
+    return Func(measure)
+
+
+def token_measure(model_name: str, trust_remote_code: bool = False) -> Tokens:
+    from transformers import AutoTokenizer
+
+    return Tokens(AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code))
+
+
+# ---- splitting ----------------------------------------------------------------------------------
 
 def _pieces(text: str, start: int, end: int, level: int) -> list[tuple[int, int]]:
     """Split text[start:end] after every boundary of this level; the boundary stays with the left piece."""
     cuts = [m.end() for m in LEVELS[level].finditer(text, start, end) if start < m.end() < end]
     bounds = [start, *cuts, end]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return list(zip(bounds, bounds[1:]))
 
 
-def _hard_split(text: str, start: int, end: int, size: int, measure: Measure) -> list[tuple[int, int]]:
-    """Last resort: cut anywhere but before a combining mark; binary search keeps it linear-ish."""
-    out = []
+def _is_word_char(c: str) -> bool:
+    # Latin, Greek, Cyrillic letters and digits; CJK characters are words of their own.
+    return c.isalnum() and c < "\u2e80"
+
+
+def _joins(c: str) -> bool:
+    """True for a character that belongs to the one before it (combining mark, joiner, selector)."""
+    return unicodedata.category(c) in ("Mn", "Mc", "Me") or c in "\u200d\ufe0f"
+
+
+def _splits_word(text: str, i: int) -> bool:
+    return (_is_word_char(text[i - 1]) and _is_word_char(text[i])) or _joins(text[i]) or text[i - 1] == "\u200d"
+
+
+def _safe_cut(text: str, start: int, stop: int, end: int) -> int:
+    """Move a forced cut back to a place that splits no word, within the second half of the piece;
+    failing that (one word longer than the limit), at least off a combining mark."""
+    if stop >= end:
+        return end
+    floor = start + max(1, (stop - start) // 2)
+    i = stop
+    while i > floor and _splits_word(text, i):
+        i -= 1
+    if not _splits_word(text, i):
+        return i
+    i = stop
+    while i > start + 1 and _joins(text[i]):
+        i -= 1
+    return i
+
+
+def _longest_fit(text: str, start: int, end: int, size: int, m: Measure) -> int:
+    """Largest stop with text[start:stop] within size (at least one character): gallop, then bisect."""
+    def fits(stop: int) -> bool:
+        return m.span_sizes(text, [(start, stop)])[0] <= size
+
+    lo, hi = start + 1, min(end, start + size)
+    while fits(hi):
+        if hi == end:
+            return end
+        lo, hi = hi, min(end, start + 2 * (hi - start))
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _hard_split(text: str, start: int, end: int, strength: int, size: int, m: Measure) -> list[tuple]:
+    spans = []
     while start < end:
-        lo, hi = start + 1, end
-        while lo < hi:  # largest stop with measure(text[start:stop]) <= size
-            mid = (lo + hi + 1) // 2
-            if measure(text[start:mid]) <= size:
-                lo = mid
-            else:
-                hi = mid - 1
-        stop = lo
-        while stop < end and stop > start + 1 and unicodedata.combining(text[stop]):
-            stop -= 1
-        out.append((start, stop))
+        stop = _safe_cut(text, start, _longest_fit(text, start, end, size, m), end)
+        spans.append((start, stop))
         start = stop
+    return [(a, b, HARD if b < spans[-1][1] else strength, s)
+            for (a, b), s in zip(spans, m.span_sizes(text, spans))]
+
+
+def _sizes(text: str, spans: list[tuple[int, int]], size: int, m: Measure) -> list[int]:
+    """Sizes of spans, counted in one batch; a span far too long to fit is not counted (size + 1):
+    splitting a span that would have fitted costs nothing, since packing joins its pieces again."""
+    if m.additive:
+        return m.span_sizes(text, spans)
+    limit = _SURELY_OVER * size
+    todo = [k for k, (a, b) in enumerate(spans) if b - a <= limit]
+    sizes = [size + 1] * len(spans)
+    for k, s in zip(todo, m.span_sizes(text, [spans[k] for k in todo])):
+        sizes[k] = s
+    return sizes
+
+
+def _descend(text: str, a: int, b: int, strength: int, level: int, size: int, m: Measure, out: list) -> None:
+    """Append to out the atoms of text[a:b], a span that does not fit, split at `level` or below:
+    (start, end, strength of the boundary it ends on (lower is stronger), size)."""
+    while level < HARD:
+        pieces = _pieces(text, a, b, level)
+        if len(pieces) > 1:
+            break
+        level += 1  # no boundary of this level inside: try the next
+    else:
+        out.extend(_hard_split(text, a, b, strength, size, m))
+        return
+    last = len(pieces) - 1
+    for k, ((x, y), s) in enumerate(zip(pieces, _sizes(text, pieces, size, m))):
+        if s <= size:
+            out.append((x, y, level if k < last else strength, s))
+        else:
+            _descend(text, x, y, level if k < last else strength, level + 1, size, m, out)
+
+
+def _atoms(text: str, size: int, m: Measure) -> list[tuple]:
+    """Pieces that fit, descending the ladder only where a piece does not fit."""
+    whole = _sizes(text, [(0, len(text))], size, m)[0]
+    if whole <= size:
+        return [(0, len(text), 0, whole)]
+    out: list[tuple] = []
+    _descend(text, 0, len(text), 0, 0, size, m, out)
     return out
 
 
-def _atoms(text: str, start: int, end: int, size: int, measure: Measure, level: int, end_level: int,
-           out: list[tuple[int, int, int]]) -> None:
-    """Cut text[start:end] into pieces that fit, descending the ladder only where a piece does not.
-
-    Each atom records the strength of the boundary it ends on (lower is stronger)."""
-    if measure(text[start:end]) <= size:
-        out.append((start, end, end_level))
-        return
-    if level == len(LEVELS):
-        spans = _hard_split(text, start, end, size, measure)
-        out.extend((a, b, level if k < len(spans) - 1 else end_level) for k, (a, b) in enumerate(spans))
-        return
-    pieces = _pieces(text, start, end, level)
-    for k, (a, b) in enumerate(pieces):
-        _atoms(text, a, b, size, measure, level + 1, level if k < len(pieces) - 1 else end_level, out)
-
-
-def _pack(atoms: list[tuple[int, int, int]], sizes: list[int], size: int, min_fill: float = 0.5) -> list[tuple[int, int]]:
+def _pack(atoms: list[tuple], size: int, min_fill: float = 0.5) -> list[tuple[int, int]]:
     """Greedy packing; within each window cut at the strongest boundary that leaves the chunk at least
     min_fill full (so a lone title does not become a chunk), the latest such boundary on ties."""
     spans, i, n = [], 0, len(atoms)
     while i < n:
         total, j, best, best_key = 0, i, i + 1, None
-        while j < n and (j == i or total + sizes[j] <= size):
-            total += sizes[j]
+        while j < n and (j == i or total + atoms[j][3] <= size):
+            total += atoms[j][3]
             j += 1
             key = (total >= min_fill * size, -atoms[j - 1][2], j)
             if best_key is None or key > best_key:
@@ -105,143 +255,274 @@ def _pack(atoms: list[tuple[int, int, int]], sizes: list[int], size: int, min_fi
     return spans
 
 
-def _split(text: str, size: int, measure: Measure) -> list[tuple[int, int]]:
+def _split(text: str, size: int, m: Measure) -> list[tuple[int, int]]:
     if not text:
         return []
-    atoms: list[tuple[int, int, int]] = []
-    _atoms(text, 0, len(text), size, measure, 0, 0, atoms)
-    sizes = [measure(text[a:b]) for a, b, _ in atoms]
-    spans = _pack(atoms, sizes, size)
-    if measure is len:
+    spans = _pack(_atoms(text, size, m), size)
+    if m.additive:
         return spans
-    # Token counts of pieces do not add up exactly; re-split the rare chunk that overshoots.
     out = []
-    for a, b in spans:
-        if measure(text[a:b]) <= size:
+    for (a, b), s in zip(spans, m.span_sizes(text, spans)):
+        if s <= size or b - a == 1:
             out.append((a, b))
-        else:
-            out.extend((a + x, a + y) for x, y in _split(text[a:b], size - 1, measure))
+        else:  # pieces' counts undershot the whole: split again on a budget short by the overshoot
+            budget = max(1, size - (s - size))
+            out.extend((a + x, a + y) for x, y in _split_within(text[a:b], size, budget, m))
     return out
 
 
-def split_text(text: str, size: int, measure: Measure = len, overlap: int = 0) -> list[tuple[int, int]]:
+def _split_within(text: str, size: int, budget: int, m: Measure) -> list[tuple[int, int]]:
+    while True:
+        spans = _pack(_atoms(text, budget, m), budget)
+        sizes = m.span_sizes(text, spans)
+        if budget == 1 or all(s <= size for s in sizes):
+            return spans
+        budget = max(1, budget - max(s - size for s in sizes))
+
+
+def _overlap_start(text: str, floor: int, start: int, overlap: int, m: Measure) -> int:
+    """Where a chunk beginning at `start` should begin to repeat at most `overlap` units before it:
+    at the earliest sentence, clause or word boundary in reach, never inside a word."""
+    lo, hi = max(floor, start - _SURELY_OVER * overlap), start  # find the earliest lo that fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if m.span_sizes(text, [(mid, start)])[0] <= overlap else (mid, hi)
+    if m.span_sizes(text, [(lo, start)])[0] > overlap:
+        lo = hi
+    for level in (0, 1, 2, 3, 5):
+        for match in LEVELS[level].finditer(text, lo, start):
+            if lo < match.end() < start:
+                return match.end()
+    return lo if lo == 0 or not _splits_word(text, lo) else start
+
+
+def split_text(text: str, size: int, measure=len, overlap: int = 0) -> list[tuple[int, int]]:
     """Chunk boundaries as (start, end) offsets into text; each chunk measures at most `size`.
 
-    With overlap, each chunk but the first starts up to `overlap` units earlier, at a clause or
-    sentence boundary where one lies in reach; the packing budget shrinks to keep the limit.
+    `measure` is len (characters), a `Tokens`, or any function of a string. With overlap, each chunk
+    but the first starts up to `overlap` units earlier, at a boundary (see _overlap_start); the
+    packing budget shrinks by the overlap so that the limit still holds.
     """
-    spans = _split(text, size - overlap, measure)
-    if overlap <= 0:
+    m = as_measure(measure)
+    spans = _split(text, size - overlap, m)
+    if overlap <= 0 or len(spans) < 2:
         return spans
     out = [spans[0]]
-    for start, end in spans[1:]:
-        lo = start
-        while lo > 0 and measure(text[lo - 1:start]) <= overlap:
-            lo -= 1
-        window = text[lo:start]
-        m = None
-        for m in LEVELS[3].finditer(window):
-            break
-        if m is None:
-            m = next(LEVELS[2].finditer(window), None)
-        new_start = lo + m.end() if m is not None and m.end() < len(window) else lo
-        out.append((new_start, end))
+    for (prev, _), (start, end) in zip(spans, spans[1:]):
+        out.append((_overlap_start(text, prev, start, overlap, m), end))
+    if not m.additive:  # counts of the overlap and the chunk need not add up: drop an overlap that overshoots
+        sizes = m.span_sizes(text, out)
+        out = [span if s <= size else orig for span, orig, s in zip(out, spans, sizes)]
     return out
 
 
 def language(text: str) -> str:
-    cjk, latin = len(_CJK.findall(text)), len(_LATIN.findall(text))
-    return "zh" if cjk >= 0.2 * max(1, cjk + latin) else "en"
+    """zh when at least a fifth of the letters are CJK ideographs, else en."""
+    return languages([text])[0]
 
 
 # ---- duplicates ---------------------------------------------------------------------------------
 
-_NUM_PERM, _BANDS = 64, 16
-_rng = np.random.default_rng(20240601)
-_A = _rng.integers(1, (1 << 61) - 1, _NUM_PERM, dtype=np.uint64) | np.uint64(1)
-_B = _rng.integers(0, (1 << 61) - 1, _NUM_PERM, dtype=np.uint64)
-_SPACE = re.compile(r"\s+")
+_NUM_PERM, _BANDS, _ROWS = 64, 16, 4
+_EMPTY = np.uint32(0xFFFFFFFF)
+_K = 5
 
 
-def minhash(text: str, k: int = 5) -> np.ndarray:
-    """64 MinHash values over character k-grams, computed without a Python loop over the text."""
-    codes = np.frombuffer(_SPACE.sub("", text).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-    if len(codes) < k:
-        codes = np.pad(codes, (0, k - len(codes)))
-    grams = np.zeros(len(codes) - k + 1, dtype=np.uint64)
-    for j in range(k):  # polynomial rolling hash, wrapping mod 2^64
-        grams = grams * np.uint64(1_000_003) + codes[j:len(codes) - k + 1 + j]
-    with np.errstate(over="ignore"):
-        mixed = grams[None, :] * _A[:, None] + _B[:, None]
-    return (mixed >> np.uint64(32)).min(axis=1).astype(np.uint32)
+def _mix(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finaliser: spreads the polynomial hash over all bits (wraps mod 2^32)."""
+    h ^= h >> np.uint32(16)
+    h *= np.uint32(0x85EBCA6B)
+    h ^= h >> np.uint32(13)
+    h *= np.uint32(0xC2B2AE35)
+    h ^= h >> np.uint32(16)
+    return h
+
+
+def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """All texts' code points in one uint32 array (plus _K zeros of padding), and each text's end."""
+    codes = np.frombuffer(("".join(texts) + "\0" * _K).encode("utf-32-le"), np.uint32)
+    return codes, np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)))
+
+
+def _per_text(mask: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """How many True each text has in mask, given each text's end."""
+    counts = np.concatenate([[0], np.cumsum(mask)])
+    return np.diff(counts[np.concatenate([[0], ends])])
+
+
+def signatures(texts: list[str], k: int = _K) -> np.ndarray:
+    """One-permutation MinHash of each text's character k-grams, whitespace ignored: (len(texts), 64) uint32.
+
+    Every k-gram is hashed once (32 bits): the top 6 bits choose its bucket, the minimum of the other
+    26 per bucket is kept, and empty buckets borrow from the next full one (rotation densification).
+    All texts of a batch go through numpy together, which is what makes deduplication cheap per chunk."""
+    n = len(texts)
+    sig = np.full((n, _NUM_PERM), _EMPTY, np.uint32)
+    if n == 0:
+        return sig
+    codes, ends = _codes(texts)
+    total = int(ends[-1])
+    keep = codes[:total] > 32
+    keep &= codes[:total] != 0xA0
+    keep &= codes[:total] != 0x3000
+    codes = np.concatenate([codes[:total][keep], np.zeros(k, np.uint32)])
+    lens = _per_text(keep, ends)
+    ends, total = np.cumsum(lens), int(lens.sum())
+    h = codes[:total].copy()
+    for j in range(1, k):  # polynomial hash of codes[p:p+k]
+        h *= np.uint32(1_000_003)
+        h += codes[j:total + j]
+    h = _mix(h)
+    slot = np.repeat(np.arange(n, dtype=np.int64) * _NUM_PERM, lens)
+    slot += h >> np.uint32(32 - 6)
+    value = h & np.uint32((1 << 26) - 1)
+    starts = ends - lens
+    for j in range(1, k):  # a gram that runs past the end of its text is not one of its grams
+        last = ends - j
+        value[last[last >= starts]] = _EMPTY
+    np.minimum.at(sig.reshape(-1), slot, value)
+    for i in np.flatnonzero(lens < k):  # too short for one k-gram: a signature of the whole text
+        whole = hash("".join(texts[i].split())) & ((1 << 26) - 1)
+        sig[i] = (whole + np.arange(_NUM_PERM, dtype=np.uint32) * np.uint32(2654435761)) & np.uint32((1 << 26) - 1)
+    return _densify(sig)
+
+
+def languages(texts: list[str]) -> list[str]:
+    """language() of many texts in one vectorised pass."""
+    if not texts:
+        return []
+    codes, ends = _codes(texts)
+    codes = codes[:int(ends[-1])]
+    cjk = _per_text(((codes >= 0x3400) & (codes <= 0x9FFF)) | ((codes >= 0xF900) & (codes <= 0xFAFF)), ends)
+    latin = _per_text(((codes | 0x20) >= 0x61) & ((codes | 0x20) <= 0x7A), ends)
+    return ["zh" if c >= 0.2 * max(1, c + l) else "en" for c, l in zip(cjk.tolist(), latin.tolist())]
+
+
+def _densify(sig: np.ndarray) -> np.ndarray:
+    empty = sig == _EMPTY
+    rows = np.flatnonzero(empty.any(axis=1))
+    if len(rows) == 0:
+        return sig
+    sub, need = sig[rows], empty[rows]
+    filled = sub.copy()
+    for d in range(1, _NUM_PERM):
+        if not need.any():
+            break
+        rolled = np.roll(sub, -d, axis=1)
+        take = need & (rolled != _EMPTY)
+        filled[take] = rolled[take] + np.uint32(d)
+        need &= ~take
+    sig[rows] = filled
+    return sig
+
+
+def _band_keys(sig: np.ndarray) -> list[list[int]]:
+    """One 64-bit key per band of 4 MinHash values, the band's number mixed in so one dict serves all."""
+    bands = sig.reshape(len(sig), _BANDS, _ROWS).astype(np.uint64)
+    key = np.broadcast_to(np.arange(_BANDS, dtype=np.uint64), (len(sig), _BANDS)).copy()
+    for r in range(_ROWS):
+        key = key * np.uint64(0x100000001B3) + bands[:, :, r]
+    return key.tolist()
 
 
 class Deduper:
-    """Remembers what it has seen: exact text hashes, and MinHash bands for near-duplicates."""
+    """Remembers what it has kept: a hash of each text, and MinHash band keys for near-duplicates.
+
+        dedup = Deduper(0.85)
+        dedup.keep(["one text", "another", "one text"])   # [True, True, False]
+    """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
-        self.exact: set[bytes] = set()
-        self.bands: list[dict[bytes, int]] = [{} for _ in range(_BANDS)]
-        self.signatures: list[np.ndarray] = []
+        self.exact: set[int] = set()
+        self.index: dict[int, int] = {}  # band key -> the first kept text that has it
+        self.sigs = np.empty((0, _NUM_PERM), np.uint32)
+        self.count = 0
         self.exact_dups = self.near_dups = 0
 
-    def is_duplicate(self, text: str) -> bool:
-        digest = hashlib.blake2b(_SPACE.sub("", text).encode(), digest_size=12).digest()
-        if digest in self.exact:
-            self.exact_dups += 1
-            return True
-        self.exact.add(digest)
-        if self.threshold >= 1:
-            return False
-        sig = minhash(text)
-        rows = _NUM_PERM // _BANDS
-        keys = [sig[b * rows:(b + 1) * rows].tobytes() for b in range(_BANDS)]
-        for band, key in zip(self.bands, keys):
-            other = band.get(key)
-            if other is not None and np.mean(self.signatures[other] == sig) >= self.threshold:
+    def keep(self, texts: list[str]) -> list[bool]:
+        """For each text, in order, whether it is new: no exact copy of a text seen before it, and no
+        near copy (whitespace ignored) of a text kept before it. Kept texts are remembered."""
+        near = self.threshold < 1
+        sigs = signatures(texts) if near else None
+        keys = _band_keys(sigs) if near else None
+        out = []
+        for i, text in enumerate(texts):
+            h = hash(text)  # process-local, which is all an in-memory index needs
+            if h in self.exact:
+                self.exact_dups += 1
+                out.append(False)
+                continue
+            self.exact.add(h)
+            if near and not self._add_if_new(sigs[i], keys[i]):
                 self.near_dups += 1
-                return True
-        idx = len(self.signatures)
-        self.signatures.append(sig)
-        for band, key in zip(self.bands, keys):
-            band.setdefault(key, idx)
-        return False
+                out.append(False)
+                continue
+            out.append(True)
+        return out
+
+    def is_duplicate(self, text: str) -> bool:
+        return not self.keep([text])[0]
+
+    def _add_if_new(self, sig: np.ndarray, keys: list[int]) -> bool:
+        """Compare with the kept texts that share a band (LSH candidates); remember sig unless one is similar."""
+        found = list(map(self.index.get, keys))
+        if found.count(None) < _BANDS:
+            candidates = list({j for j in found if j is not None})
+            if np.count_nonzero(self.sigs[candidates] == sig, axis=1).max() >= self.threshold * _NUM_PERM:
+                return False
+        if self.count == len(self.sigs):  # grow by doubling: amortised O(1) appends
+            grown = np.empty((max(1024, 2 * len(self.sigs)), _NUM_PERM), np.uint32)
+            grown[:self.count] = self.sigs
+            self.sigs = grown
+        self.sigs[self.count] = sig
+        for key, j in zip(keys, found):
+            if j is None:
+                self.index[key] = self.count
+        self.count += 1
+        return True
 
 
 # ---- the stage ----------------------------------------------------------------------------------
 
-def token_measure(model_name: str, trust_remote_code: bool = False) -> Measure:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code)
-    return lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
-
-
-def chunk_blocks(blocks: Iterator[Block], cfg: Config, measure: Measure, dedup: Deduper) -> Iterator[dict]:
+def chunk_blocks(blocks: Iterable[Block], cfg: Config, measure, dedup: Deduper) -> Iterator[dict]:
     """Blocks in, chunk records out; duplicates are counted in `dedup`, not yielded."""
+    m = as_measure(measure)
     n = 0
     for block in blocks:
-        for start, end in split_text(block.text, cfg.chunk_size, measure, cfg.data.chunk_overlap):
-            text = block.text[start:end].strip()
-            if len(text) < cfg.data.min_chunk_chars or dedup.is_duplicate(text):
-                continue
-            lead = len(block.text[start:end]) - len(block.text[start:end].lstrip())
-            yield {"chunk_id": n, "source": block.source, "start": block.offset + start + lead,
-                   "end": block.offset + start + lead + len(text), "lang": language(text), "text": text}
+        found = []
+        for start, end in split_text(block.text, cfg.chunk_size, m, cfg.data.chunk_overlap):
+            raw = block.text[start:end]
+            text = raw.strip()
+            if len(text) >= cfg.data.min_chunk_chars:
+                found.append((block.offset + start + len(raw) - len(raw.lstrip()), text))
+        texts = [t for _, t in found]
+        kept = [(start, text) for (start, text), new in zip(found, dedup.keep(texts)) if new]
+        for (start, text), lang in zip(kept, languages([t for _, t in kept])):
+            yield {"chunk_id": n, "source": block.source, "start": start, "end": start + len(text),
+                   "lang": lang, "text": text}
             n += 1
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
+def _line(rec: dict) -> str:
+    """json.dumps(rec, ensure_ascii=False) + newline, twice as fast: only the strings need escaping."""
+    return (f'{{"chunk_id": {rec["chunk_id"]}, "source": {_JSON.encode(rec["source"])}, "start": {rec["start"]}, '
+            f'"end": {rec["end"]}, "lang": "{rec["lang"]}", "text": {_JSON.encode(rec["text"])}}}\n')
 
 
 def run_chunk(cfg: Config) -> dict:
     """Read raw_data_path, write work_dir/chunks.jsonl; return counts for the run summary."""
-    measure = token_measure(cfg.model_name, cfg.trust_remote_code) if cfg.data.chunk_unit == "tokens" else len
+    measure = token_measure(cfg.model_name, cfg.trust_remote_code) if cfg.data.chunk_unit == "tokens" else Chars()
     blocks = read_blocks(cfg.raw_data_path, cfg.data.encoding, cfg.data.text_field)
     count = chars = 0
     dedup = Deduper(cfg.data.dedup_threshold)
     out = cfg.work / "chunks.jsonl"
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in chunk_blocks(blocks, cfg, measure, dedup):
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.write(_line(rec))
             count += 1
             chars += len(rec["text"])
         if count == 0:

@@ -56,6 +56,7 @@ def _stage_command(name: str, help_text: str) -> None:
 
 @app.command(help="Run every stage in order: chunk, tasks, teach, dataset, train, merge, eval.")
 def run(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
+        until: Optional[str] = typer.Option(None, help="Stop after this stage, e.g. --until dataset"),
         verbose: bool = VerboseOpt) -> None:
     def go() -> None:
         from shifu.config import load_config
@@ -65,7 +66,9 @@ def run(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, force: bool
 
         setup_logging(verbose)
         cfg = load_config(config, set_)
-        run_all(cfg, force)
+        if until is not None and until not in STAGES:
+            raise UserError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
+        run_all(cfg, force, until)
         print_summary(cfg)
 
     _guarded(go)

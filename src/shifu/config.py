@@ -12,6 +12,7 @@ names the environment variable that holds the key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +170,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        # ~ and $VARS in paths, so shipped configs can point into the user's cache
+        for name in ("raw_data_path", "model_name", "output_dir", "work_dir", "jsonl_output_path"):
+            value = getattr(self, name)
+            if "~" in value or "$" in value:
+                object.__setattr__(self, name, os.path.expandvars(os.path.expanduser(value)))
         if not (self.enable_qa or self.enable_article or self.tasks.custom):
             raise ValueError("enable_qa and enable_article are both false and no tasks.custom kind is set: nothing to do")
         if self.data.chunk_overlap >= self.chunk_size:

@@ -5,7 +5,8 @@
 Teacher: runs the offline chunk and tasks stages, then counts requests, input tokens (with the
 student's tokenizer when it loads locally, else a stated heuristic), expected and maximum output
 tokens, and the price from `teacher.prices` at off-peak and peak rates, treating every input
-token as a cache miss (the upper bound). Answers already in the store are not counted again.
+token as a cache miss (the upper bound). Requests whose answers are already stored are left out,
+so the estimate of a resumed run is what is left to pay.
 Training: expected GPU memory for the configured student, LoRA, batch and max_length, broken
 down into weights, adapter with its gradients and optimizer state, activations and logits.
 The student is built on the meta device from its config, so no weights are loaded.
@@ -40,31 +41,44 @@ def _counter(cfg: Config):
 def teacher_estimate(cfg: Config) -> dict:
     from shifu.pipeline import run_stage
     from shifu.store import Store
+    from shifu.teach import answer_requests, questions_for, task_request
 
     run_stage("chunk", cfg)
     run_stage("tasks", cfg)
     tasks = [t for t in read_jsonl(cfg.work / "tasks.jsonl") if t["source"] == "teacher"]
     count, counted_with = _counter(cfg)
     tc, k = cfg.teacher, cfg.tasks.qa_per_chunk
-    requests = inputs = expected_out = max_out = 0
-    for t in tasks:
-        prompt_tokens = count(format_prompt(t["instruction"], t["input"]))
-        out = tc.max_tokens * tc.expected_output_ratio
-        if t["parse"] == "json_qa":  # one proposal, then k answers with the chunk and a question
-            requests += 1 + k
-            inputs += prompt_tokens + k * (prompt_tokens + QUESTION_TOKENS)
-            expected_out += k * QUESTION_TOKENS + k * out
-            max_out += tc.max_tokens * (1 + k)
-        else:
-            requests += 1
-            inputs += prompt_tokens
-            expected_out += out
-            max_out += tc.max_tokens
-    stored = 0
-    if (cfg.work / "teacher.sqlite").exists():
-        store = Store(cfg.work / "teacher.sqlite")
-        stored = store.totals()["stored_answers"]
-        store.close()
+    store = Store(cfg.work / "teacher.sqlite") if (cfg.work / "teacher.sqlite").exists() else None
+    get = store.get if store else (lambda key: None)
+    out = tc.max_tokens * tc.expected_output_ratio
+    requests = stored = inputs = expected_out = max_out = 0
+    try:
+        for t in tasks:
+            prompt_tokens = count(format_prompt(t["instruction"], t["input"]))
+            if get(task_request(t, cfg).key) is not None:  # a resumed run pays only for what is missing
+                stored += 1
+            else:
+                requests += 1
+                inputs += prompt_tokens
+                expected_out += k * QUESTION_TOKENS if t["parse"] == "json_qa" else out
+                max_out += tc.max_tokens
+            if t["parse"] != "json_qa":
+                continue
+            # Then one answer per question, with the chunk: the real prompts once the questions are in.
+            questions, _ = questions_for(t, cfg, get)
+            if questions is None:
+                prompts = [prompt_tokens + QUESTION_TOKENS] * k
+            else:
+                todo = [r for _, r in answer_requests(t, questions, cfg) if get(r.key) is None]
+                stored += len(questions) - len(todo)
+                prompts = [count(r.messages[-1]["content"]) for r in todo]
+            requests += len(prompts)
+            inputs += sum(prompts)
+            expected_out += len(prompts) * out
+            max_out += len(prompts) * tc.max_tokens
+    finally:
+        if store:
+            store.close()
     price = tc.prices.get(tc.model) if tc.kind == "openai" else None
     usage = {"prompt_tokens": inputs, "completion_tokens": int(expected_out)}
     off = price_of(usage, price, False)

@@ -170,9 +170,9 @@ class FakeBackend:
             await asyncio.sleep(0.01)
             await resp.write(payload)
             await resp.write_eof()
-            self._answered(key, fault)
+            self._answered(key, fault, body)
             return resp
-        self._answered(key, fault)
+        self._answered(key, fault, body)
         return web.Response(body=payload, content_type="application/json")
 
     def _draw_fault(self, key: str) -> str | None:
@@ -182,8 +182,8 @@ class FakeBackend:
             return self.faults[(self.requests_by_key[key] - 1) % len(self.faults)]
         return self.rng.choice(self.faults) if self.rng.random() < self.fault_rate else None
 
-    def _answered(self, key: str, fault: str | None) -> None:
-        if fault not in ("blank_json",):
+    def _answered(self, key: str, fault: str | None, body: dict) -> None:
+        if not (fault == "blank_json" and body.get("response_format")):  # blank_json spares plain requests
             self.answered_by_key[key] += 1
 
     def app(self) -> web.Application:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from typing import Iterator
@@ -21,12 +22,16 @@ def setup_logging(verbose: bool = False) -> None:
                         datefmt="[%X]", handlers=[handler], force=True)
     import warnings
 
-    import transformers
-
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # Through the environment, not by importing transformers here: that import takes a second or
+    # more, which the stages that load no model (chunk, tasks, teach, dataset) should not pay.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # imported already: it has read the environment, tell it directly
+        import transformers
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers.modeling_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -75,7 +75,8 @@ def find_sources(raw_data_path: str) -> list[Path]:
 def normalise(text: str) -> str:
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _LINE_SEPARATORS.sub("\n", text)
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:  # rare: skip the scan
+        text = _LINE_SEPARATORS.sub("\n", text)
     return _CONTROL.sub("", text)
 
 

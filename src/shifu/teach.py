@@ -154,11 +154,13 @@ class Runner:
             log.warning("teacher.prices has no entry for '%s': costs are not counted; add one to see them",
                         self.tc.model)
         self.spent = store.totals()["stored_cost"]
-        self.reserved = 0.0
+        self.reserved, self.reservations = 0.0, 0  # worst-case cost of the requests in flight
+        self.budget = asyncio.Condition()
         self.fatal: TeacherError | None = None
         self.stopping = asyncio.Event()  # fatal error or unreachable server: nothing new is sent, backoffs end
         self.unreachable_streak = 0
-        self.unreachable_reason = ""  # set when the streak stopped the run
+        self.unreachable_reason = ""  # the last connection failure that ended a request
+        self.unreachable_stop = False
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seen: set[str] = set()
 
@@ -180,7 +182,9 @@ class Runner:
         for task in done:
             if task is not joined and not task.cancelled() and task.exception() is not None:
                 raise task.exception()
-        if self.unreachable_reason and self.fatal is None:
+        # Stopped by the streak, or a run that never got through at all: say so, and fail.
+        never = self.unreachable_streak > 0 and self.stats.done == 0
+        if (self.unreachable_stop or never) and self.fatal is None:
             s = self.stats
             self.fatal = TeacherError(
                 f"cannot reach the teacher: {self.unreachable_reason}; check teacher.base_url and that the "
@@ -198,7 +202,7 @@ class Runner:
                 stored = self.store.get(req.key)
                 if stored is not None:
                     self.stats.cached += 1
-                elif self.stopping.is_set() or not self._reserve(req):
+                elif self.stopping.is_set() or not await self._reserve(req):
                     self.stats.unsent += 1
                 else:
                     stored = await self._send(req)
@@ -213,15 +217,30 @@ class Runner:
         usage = {"prompt_tokens": prompt, "completion_tokens": self.tc.max_tokens}
         return price_of(usage, self.price, self.tc.peak_pricing) or 0.0
 
-    def _reserve(self, req: Request) -> bool:
-        if self.tc.max_cost is None or self.price is None:
+    def _budgeted(self) -> bool:
+        return self.tc.max_cost is not None and self.price is not None
+
+    async def _reserve(self, req: Request) -> bool:
+        """Hold the request's worst-case cost against max_cost. While other requests are in flight,
+        wait for them: they usually cost far less than reserved, which may leave room for this one."""
+        if not self._budgeted():
             return True
         worst = self._worst_cost(req)
-        if self.spent + self.reserved + worst > self.tc.max_cost:
-            self.stats.budget_stopped = True
-            return False
-        self.reserved += worst
+        async with self.budget:
+            while self.spent + self.reserved + worst > self.tc.max_cost:
+                if self.reservations == 0 or self.stopping.is_set():
+                    self.stats.budget_stopped = True
+                    return False
+                await self.budget.wait()
+            self.reserved += worst
+            self.reservations += 1
         return True
+
+    async def _release(self, req: Request) -> None:
+        async with self.budget:
+            self.reserved -= self._worst_cost(req)
+            self.reservations -= 1
+            self.budget.notify_all()
 
     def _stop(self, err: TeacherError) -> None:
         self.fatal = self.fatal or err
@@ -257,16 +276,18 @@ class Runner:
                     break
                 return self._save(req, ans, attempts, est)
         finally:
-            if self.tc.max_cost is not None and self.price is not None:
-                self.reserved -= self._worst_cost(req)
+            if self._budgeted():
+                await self._release(req)
         self.store.put_failed(req.key, reason or "not attempted", attempts)
         self.stats.failed += 1
         self.stats.failures[reason.split(" (")[0]] += 1
         # Whole requests in a row failing because no connection can be made: the URL is wrong or
         # the server is down, and thousands more attempts would only delay saying so.
         self.unreachable_streak = self.unreachable_streak + 1 if unreachable else 0
-        if self.unreachable_streak >= min(self.tc.max_concurrency, 16):
+        if unreachable:
             self.unreachable_reason = reason
+        if self.unreachable_streak >= min(self.tc.max_concurrency, 16):
+            self.unreachable_stop = True
             self.stopping.set()
         return None
 

@@ -168,7 +168,7 @@ _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _FATAL_HINT = {
     400: "the server rejected the request as malformed; check teacher.extra_body, teacher.max_tokens and the prompt length",
     401: "authentication failed; check the key in the environment variable named by teacher.api_key_env ({env})",
-    402: "insufficient balance; top up your account, then rerun the same command to continue",
+    402: "insufficient balance; top up your account",
     403: "forbidden; the key may lack access to teacher.model or the region is blocked",
     404: "not found; check teacher.base_url ({url}) and teacher.model ({model})",
     422: "invalid parameters; check teacher.temperature, teacher.top_p, teacher.top_logprobs and teacher.extra_body",

@@ -1,0 +1,73 @@
+"""The one typed config: defaults of the original guide, checked ranges, dotted overrides, redaction."""
+
+import pytest
+
+from shifu.config import Config, config_from_dict, dump_config, load_config, parse_override
+from shifu.errors import UserError
+
+
+def test_defaults_follow_the_original_guide():
+    c = Config()
+    assert (c.batch_size, c.learning_rate, c.num_epochs, c.max_length, c.chunk_size) == (4, 5e-5, 10, 512, 500)
+    assert c.enable_qa and c.enable_article and c.teacher.api_key_env == "DEEPSEEK_API_KEY"
+    assert c.teacher.model != "deepseek-chat"  # retired on 2026-07-24
+    assert c.lora.target_modules == "all-linear" and c.teacher.kind == "openai"
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description or name in ("data", "tasks", "teacher", "lora", "distill", "train", "eval"), name
+            sub = field.annotation
+            if isinstance(sub, type) and hasattr(sub, "model_fields"):
+                walk(sub)
+
+    walk(Config)
+
+
+@pytest.mark.parametrize("tree, words", [
+    ({"batch_sise": 4}, ["unknown key", "batch_sise"]),
+    ({"teacher": {"max_concurency": 3}}, ["unknown key", "teacher.max_concurency"]),
+    ({"batch_size": "four"}, ["batch_size", "four"]),
+    ({"learning_rate": -1}, ["learning_rate"]),
+    ({"teacher": {"top_logprobs": 21}}, ["teacher.top_logprobs"]),
+    ({"enable_qa": False, "enable_article": False}, ["nothing to do"]),
+])
+def test_bad_configs_name_the_key(tree, words):
+    with pytest.raises(UserError) as err:
+        config_from_dict(tree, "x.yaml")
+    msg = str(err.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 2\nteacher:\n  model: m\n", encoding="utf-8")
+    cfg = load_config(path, ["teacher.max_concurrency=32", "learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.teacher.max_concurrency == 32 and cfg.teacher.model == "m" and cfg.learning_rate == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.batch_size == 2
+    assert parse_override("a.b=true") == ("a.b", True)
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_override("novalue")
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1,\n", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dump_redacts_secret_looking_fields():
+    cfg = Config(teacher={"extra_body": {"api_key": "sk-test-123456", "thinking": {"type": "disabled"}}})
+    text = dump_config(cfg)
+    assert "sk-test-123456" not in text and "<redacted>" in text and "DEEPSEEK_API_KEY" in text
+
+
+def test_shipped_configs_load():
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(path)
