@@ -11,6 +11,7 @@ server whatever happens. Outputs land in runs/demo/.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +64,9 @@ def main() -> int:
            ]
     print(f"starting the teacher server: {ALIAS} on {base_url}", flush=True)
     with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    # SIGTERM (CI timeouts, kill) must reach the finally below, so the server never outlives us
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         wait_ready(base_url, server)
         run = [sys.executable, "-m", "shifu", "run", "configs/demo.yaml",
@@ -71,11 +74,11 @@ def main() -> int:
         print("running:", " ".join(run[2:]), flush=True)
         code = subprocess.call(run, cwd=ROOT)
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(20)
         except subprocess.TimeoutExpired:
-            server.kill()
+            os.killpg(server.pid, signal.SIGKILL)
     if code == 0:
         print("\ndone. See runs/demo/: data/distill.jsonl, adapter/, adapter_merged/, work/eval/samples.md, "
               "work/summary.json")

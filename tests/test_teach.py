@@ -484,3 +484,21 @@ def test_the_api_key_appears_in_no_file_and_no_log(fake_server, make_config, tmp
     for path in files:
         data = path.read_bytes()
         assert key.encode() not in data and key[8:].encode() not in data, f"the API key is in {path}"
+
+
+# ---- the in-process teacher ---------------------------------------------------------------------
+
+def test_a_local_teacher_answers_through_the_same_runner(make_config, tiny_teacher):
+    cfg = make_config(chunk_size=600, enable_qa=False, teacher__kind="local", teacher__model=str(tiny_teacher),
+                      teacher__max_tokens=6, teacher__top_logprobs=3, teacher__local_batch_size=3)
+    prepare(cfg)
+    stats = run_stage("teach", cfg)
+    assert stats["complete"] and stats["done"] == stats["planned"] == 5 and stats["logprobs_missing"] == 0
+    store = Store(cfg.work / "teacher.sqlite")
+    for req in expected_requests(cfg):
+        stored = store.get(req.key)
+        chosen, chosen_lp, cands, cand_lp = unpack_logprobs(stored["logprobs"])
+        assert 0 < len(chosen) <= 6 and cand_lp.shape == (len(chosen), 3)
+        assert (cand_lp[:, 0] >= chosen_lp - 1e-4).all()  # the best alternative is at least the chosen token
+        assert b"".join(chosen).decode("utf-8", "replace") == stored["content"]
+    store.close()

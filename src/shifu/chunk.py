@@ -346,8 +346,12 @@ def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 def _per_text(mask: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """How many True each text has in mask, given each text's end."""
-    counts = np.concatenate([[0], np.cumsum(mask)])
-    return np.diff(counts[np.concatenate([[0], ends])])
+    lens = np.diff(ends, prepend=0)
+    if len(mask) == 0:
+        return np.zeros(len(ends), np.int64)
+    counts = np.add.reduceat(mask.view(np.uint8), np.minimum(ends - lens, len(mask) - 1), dtype=np.int64)
+    counts[lens == 0] = 0  # reduceat gives an empty range the element at its start
+    return counts
 
 
 def signatures(texts: list[str], k: int = _K) -> np.ndarray:

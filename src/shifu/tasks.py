@@ -12,8 +12,11 @@ Kinds:
 
 `teacher_data_ratio` decides, per chunk and kind, deterministically under `tasks.seed`, whether a
 task goes to the teacher. The rest become continuation examples from the text itself: the first
-part of the chunk is the prompt and the real passage that follows it is the target.
-Templates exist in Chinese and English; each chunk gets the one of its language.
+part of the chunk is the prompt and the real passage that follows it is the target (cut at a
+sentence end, else a clause, else a space; at most one such example per chunk, since a second would
+be the same example). Both parts come from one chunk, so the train/eval split by chunk stays clean.
+Templates exist in Chinese and English; each chunk gets the one of its language. In any template,
+{chunk}, {n} (questions wanted) and {question} are filled in; double a brace to write it literally.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import re
 from pathlib import Path
 
+from shifu.chunk import LEVELS, SENTENCE_END
 from shifu.config import Config, TemplateConfig
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
@@ -81,14 +85,16 @@ def goes_to_teacher(seed: int, chunk_id: int, kind: str, ratio: float) -> bool:
 
 
 def split_for_continuation(text: str, target_chars: int) -> tuple[str, str] | None:
-    """Prompt = the chunk's head, target = the real passage after it, cut at sentence ends."""
-    ends = [m.end() for m in re.finditer(r"[。！？!?…]+[”’」』）)\"']*|\.(?=\s)", text)]
+    """Prompt = the chunk's head, target = the real passage after it (about target_chars, at most
+    half the chunk), cut at a sentence end, else a clause, else a space; None if the chunk has none
+    that leaves both parts at least a quarter of the chunk (or 10 characters of target)."""
     want = max(len(text) - target_chars, len(text) // 2)
-    cuts = [e for e in ends if len(text) // 4 <= e <= len(text) - 10]
-    if not cuts:
-        return None
-    cut = min(cuts, key=lambda e: abs(e - want))
-    return text[:cut].strip(), text[cut:].strip()
+    for pattern in (SENTENCE_END, LEVELS[3], LEVELS[5]):
+        cuts = [m.end() for m in pattern.finditer(text) if len(text) // 4 <= m.end() <= len(text) - 10]
+        if cuts:
+            cut = min(cuts, key=lambda e: abs(e - want))
+            return text[:cut].strip(), text[cut:].strip()
+    return None
 
 
 def make_tasks(chunks: list[dict], cfg: Config) -> list[dict]:
@@ -100,45 +106,77 @@ def make_tasks(chunks: list[dict], cfg: Config) -> list[dict]:
         lang = chunk["lang"] if cfg.tasks.language == "auto" else cfg.tasks.language
         lang = lang if lang in TEMPLATES else "en"
         tpl = templates_for(lang, cfg)
+        from_text = False
         for kind in kinds:
             base = {"task_id": f"{chunk['chunk_id']}-{kind}", "chunk_id": chunk["chunk_id"], "kind": kind,
                     "lang": lang, "category": tpl[kind].category}
             if goes_to_teacher(cfg.tasks.seed, chunk["chunk_id"], kind, cfg.teacher_data_ratio):
-                instruction = fill(tpl[kind].instruction, n=str(cfg.tasks.qa_per_chunk), question="")
-                tasks.append({**base, "source": "teacher", "parse": tpl[kind].parse, "instruction": instruction,
-                              "input": fill(tpl[kind].input, chunk=chunk["text"])})
+                values = {"chunk": chunk["text"], "n": str(cfg.tasks.qa_per_chunk), "question": ""}
+                tasks.append({**base, "source": "teacher", "parse": tpl[kind].parse,
+                              "instruction": fill(tpl[kind].instruction, **values),
+                              "input": fill(tpl[kind].input, **values)})
                 continue
-            split = split_for_continuation(chunk["text"], cfg.tasks.continuation_chars)
+            split = None if from_text else split_for_continuation(chunk["text"], cfg.tasks.continuation_chars)
             if split is not None:
-                tasks.append({**base, "kind": "text_continuation", "category": "文章生成", "source": "text",
-                              "instruction": TEXT_CONTINUATION[lang], "input": split[0], "output": split[1]})
+                from_text = True
+                tasks.append({**base, "task_id": f"{chunk['chunk_id']}-text", "kind": "text_continuation",
+                              "category": "文章生成", "source": "text", "instruction": TEXT_CONTINUATION[lang],
+                              "input": split[0], "output": split[1]})
     return tasks
 
 
 def qa_answer_task(task: dict, question: str, cfg: Config) -> tuple[str, str]:
     """(instruction, input) of the open-book prompt that answers one proposed question."""
     tpl = templates_for(task["lang"], cfg)["qa_answer"]
-    return fill(tpl.instruction, question=question, n=""), task["input"]
+    values = {"question": question, "n": "", "chunk": task["input"]}
+    return fill(tpl.instruction, **values), task["input"]
+
+
+_QUESTION_KEYS = ("question", "q", "问题", "text", "content")
+
+
+def _question_list(obj) -> list:
+    """The list that holds the questions: the object itself, the first list inside a dict (depth
+    first), or a dict's string values ({"1": "...", "2": "..."})."""
+    if isinstance(obj, list):
+        return obj
+    if isinstance(obj, dict):
+        for value in obj.values():
+            found = _question_list(value) if isinstance(value, (list, dict)) else None
+            if found:
+                return found
+        return [v for v in obj.values() if isinstance(v, str)]
+    return []
+
+
+def _questions_in(obj, limit: int) -> list[str]:
+    questions = []
+    for item in _question_list(obj):
+        q = next((item[k] for k in _QUESTION_KEYS if isinstance(item.get(k), str)), None) if isinstance(item, dict) else item
+        if isinstance(q, str) and len(q.strip()) >= 4 and q.strip() not in questions:
+            questions.append(q.strip())
+    return questions[:limit]
 
 
 def parse_questions(content: str, limit: int) -> list[str]:
-    """Questions from a JSON answer, tolerant of code fences, prose around the object, and shapes
-    like {"questions": [...]}, [...], or [{"question": ...}]. Raises ValueError when there are none."""
-    text = content.strip()
-    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
-    if start < 0:
+    """Questions from a JSON answer, tolerant of code fences, prose around the JSON, and shapes
+    like {"questions": [...]}, [...], [{"question": ...}] or {"1": "...", "2": "..."}: the first
+    JSON value in the text that holds questions wins. Raises ValueError when there are none."""
+    decoder = json.JSONDecoder()
+    starts = [m.start() for m in re.finditer(r"[{\[]", content)]
+    if not starts:
         raise ValueError("no JSON in the answer")
-    obj, _ = json.JSONDecoder().raw_decode(text[start:])
-    if isinstance(obj, dict):
-        obj = next((v for v in obj.values() if isinstance(v, list)), [])
-    questions = []
-    for item in obj if isinstance(obj, list) else []:
-        q = item.get("question") or item.get("q") if isinstance(item, dict) else item
-        if isinstance(q, str) and len(q.strip()) >= 4 and q.strip() not in questions:
-            questions.append(q.strip())
-    if not questions:
-        raise ValueError("JSON holds no questions")
-    return questions[:limit]
+    decoded = False
+    for start in starts:
+        try:
+            obj, _ = decoder.raw_decode(content, start)
+        except json.JSONDecodeError:
+            continue
+        decoded = True
+        questions = _questions_in(obj, limit)
+        if questions:
+            return questions
+    raise ValueError("JSON holds no questions" if decoded else "JSON is malformed or cut off")
 
 
 def run_tasks(cfg: Config) -> dict:
@@ -147,4 +185,5 @@ def run_tasks(cfg: Config) -> dict:
     write_jsonl(cfg.work / "tasks.jsonl", tasks)
     by_source = {s: sum(t["source"] == s for t in tasks) for s in ("teacher", "text")}
     return {"tasks": len(tasks), "teacher_tasks": by_source["teacher"], "text_tasks": by_source["text"],
+            "chunks_without_task": len(chunks) - len({t["chunk_id"] for t in tasks}),
             "path": str(Path(cfg.work / "tasks.jsonl"))}

@@ -1,0 +1,59 @@
+"""Where the teacher's distribution comes from: API logprobs across different tokenizers, and a local
+white-box teacher; both end to end on CPU with tiny models."""
+
+import numpy as np
+
+from shifu.pipeline import run_all
+
+
+def test_cross_tokenizer_api_logprobs_align_partially_and_train(make_config, fake_server, other_tokenizer_model,
+                                                                 tiny_student, tmp_path):
+    # the teacher server tokenizes with a character-level vocabulary; the student is byte-level BPE
+    server = fake_server(tokenizer=str(other_tokenizer_model))
+    cfg = make_config(server.url, teacher__top_logprobs=4, train__max_steps=3, distill__kd_ratio=0.5)
+    res = run_all(cfg, until="train")
+    cov = res["train"]["kd_coverage"]
+    assert res["train"]["kd_source"] == "api" and 0.05 < cov < 1.0, cov
+    assert np.isfinite(res["train"]["train_loss"])
+
+
+def test_same_tokenizer_api_logprobs_cover_every_answer_token(make_config, fake_server, tiny_student):
+    server = fake_server(tokenizer=str(tiny_student))
+    cfg = make_config(server.url, teacher__top_logprobs=4, train__max_steps=2)
+    res = run_all(cfg, until="train")
+    from shifu.align import Targets
+
+    folder = next((cfg.work / "kd").iterdir())
+    t = Targets(folder)
+    # every answer token but the end-of-turn token (which the API never scores) has a distribution
+    n_examples = len(t.index)
+    assert t.coverage > 0.9 and (1 - t.coverage) * sum(n for _, n in t.index.values()) <= n_examples + 1e-6
+    assert res["train"]["kd_coverage"] == round(t.coverage, 4)
+
+
+def test_local_white_box_teacher_writes_top_k_once_and_reuses_it(make_config, fake_server, tiny_teacher):
+    server = fake_server()
+    cfg = make_config(server.url, distill__source="local", distill__local_teacher=str(tiny_teacher),
+                      distill__local_top_k=6, train__max_steps=2)
+    res = run_all(cfg, until="train")
+    assert res["train"]["kd_source"] == "local" and res["train"]["kd_coverage"] == 1.0
+    folders = list((cfg.work / "kd").iterdir())
+    stamp = (folders[0] / "ids.npy").stat().st_mtime_ns
+    from shifu.pipeline import run_stage
+
+    run_stage("train", cfg, force=True)
+    assert list((cfg.work / "kd").iterdir()) == folders and (folders[0] / "ids.npy").stat().st_mtime_ns == stamp
+
+
+def test_local_teacher_with_another_tokenizer_is_refused(make_config, fake_server, other_tokenizer_model):
+    import pytest
+
+    from shifu.errors import UserError
+
+    server = fake_server()
+    cfg = make_config(server.url, distill__source="local", distill__local_teacher=str(other_tokenizer_model))
+    run_all(cfg, until="dataset")
+    from shifu.pipeline import run_stage
+
+    with pytest.raises(UserError, match="different tokenizer"):
+        run_stage("train", cfg)
