@@ -8,8 +8,12 @@ Writes, one JSON object a line, exactly the fields of the original guide:
   chunk, so no chunk has examples on both sides.
 - `<work_dir>/examples.jsonl`: every example with its split and the key of the teacher answer it
   came from (training uses it to find the stored logprobs).
-- `<work_dir>/rejected.jsonl`: teacher outputs left out, with the reason: truncated, empty, refusal,
-  too short, wrong language, a copy of the chunk, or a near-duplicate of another output.
+- `<work_dir>/rejected.jsonl`: teacher outputs left out, with the reason: truncated, empty, refusal
+  (flags set when the answer was stored), too_short, wrong_language (not the language of the task's
+  template), copy_of_chunk (mostly a verbatim run of the chunk: for a continuation, any such output;
+  for an answer, one that copies at least half the chunk, since quoting a sentence is a fine answer),
+  near_duplicate (of an earlier kept output), or malformed_questions (a question proposal that
+  held no parseable questions, even when asked again). Counts go into the summary as rejected:<reason>.
 """
 
 from __future__ import annotations
@@ -30,32 +34,43 @@ from shifu.tasks import qa_answer_task
 FIELDS = ("instruction", "input", "output", "chunk_id", "category")
 
 
-def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: Deduper) -> str | None:
-    """Why a teacher output must not be trained on, or None."""
+def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: Deduper,
+              lang: str | None = None, category: str = "文章生成") -> str | None:
+    """Why a teacher output must not be trained on, or None. `lang` is the language the task asked in."""
     if flags:
         return flags[0]
     text = output.strip()
     if len(text) < cfg.tasks.min_answer_chars:
         return "too_short"
-    if len(text) >= 30 and language(text) != chunk["lang"]:
+    if len(text) >= 30 and language(text) != (lang or chunk["lang"]):
         return "wrong_language"
     if len(text) >= 20:
         match = difflib.SequenceMatcher(None, chunk["text"], text, autojunk=False).find_longest_match()
-        if match.size / len(text) > cfg.tasks.max_copy_ratio:
+        if match.size / len(text) > cfg.tasks.max_copy_ratio and (category == "文章生成" or match.size >= len(chunk["text"]) / 2):
             return "copy_of_chunk"
     if dedup.is_duplicate(text):
         return "near_duplicate"
     return None
 
 
-def _teacher_examples(task: dict, chunk: dict, cfg: Config, get: Callable) -> list[tuple[dict, str | None, str]]:
+def _stored_proposal(task: dict, cfg: Config, get: Callable) -> str:
+    """The latest stored question proposal (the re-ask if there is one), for rejected.jsonl."""
+    for reask in (True, False):
+        stored = get(task_request(task, cfg, reask).key)
+        if stored is not None:
+            return stored["content"]
+    return ""
+
+
+def _teacher_examples(task: dict, cfg: Config, get: Callable) -> list[tuple[dict, str | None, str]]:
     """(example, answer key or None, status) for one teacher task; status '' means answered."""
     if task["parse"] != "json_qa":
         req = task_request(task, cfg)
         return [({"instruction": task["instruction"], "input": task["input"]}, req.key, "")]
     questions, reason = questions_for(task, cfg, get)
     if questions is None:
-        return [({}, None, reason.split(":")[0])]
+        status = "malformed_questions" if reason.startswith("malformed") else reason
+        return [({"instruction": task["instruction"], "input": task["input"]}, None, status)]
     out = []
     for q, req in answer_requests(task, questions, cfg):
         instruction, input_ = qa_answer_task(task, q, cfg)
@@ -78,16 +93,23 @@ def build_examples(tasks: list[dict], chunks: dict[int, dict], cfg: Config, get:
             examples.append({"instruction": task["instruction"], "input": task["input"], "output": task["output"],
                              **base, "kind": task["kind"], "key": None})
             continue
-        for ex, key, status in _teacher_examples(task, chunk, cfg, get):
+        for ex, key, status in _teacher_examples(task, cfg, get):
+            if status == "malformed_questions":
+                counts["rejected:malformed_questions"] += 1
+                rejected.append({**ex, "output": _stored_proposal(task, cfg, get), **base, "kind": task["kind"],
+                                 "reason": status})
+                continue
             stored = get(key) if key else None
             if stored is None:
                 counts[f"unanswered:{status or 'no stored answer'}"] += 1
                 continue
             if key not in verdicts:
-                verdicts[key] = rejection(stored["content"], stored["flags"], chunk, cfg, dedup)
+                verdicts[key] = rejection(stored["content"], stored["flags"], chunk, cfg, dedup,
+                                          task["lang"], task["category"])
                 if verdicts[key]:
                     counts[f"rejected:{verdicts[key]}"] += 1
-                    rejected.append({**ex, "output": stored["content"], **base, "reason": verdicts[key]})
+                    rejected.append({**ex, "output": stored["content"], **base, "kind": task["kind"],
+                                     "reason": verdicts[key]})
             if verdicts[key] is None:
                 examples.append({**ex, "output": stored["content"].strip(), **base, "kind": task["kind"], "key": key})
     return examples, rejected, counts

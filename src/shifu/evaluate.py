@@ -89,7 +89,7 @@ def run_eval(cfg: Config) -> dict:
     tok = load_tokenizer(cfg.output_dir, cfg.trust_remote_code)
     model = PeftModel.from_pretrained(load_causal_lm(cfg.model_name, cfg.trust_remote_code), cfg.output_dir).eval()
     enc = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cfg.work / "cache")
-    targets, kd_info = build_targets(cfg, tok, held, enc)
+    targets, kd_info = build_targets(cfg, tok, held, enc, scoring=True)
     with model.disable_adapter():
         before = score(model, enc, targets)
     after = score(model, enc, targets)

@@ -70,20 +70,22 @@ class FakeBackend:
     def key(body: dict) -> str:
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    def content(self, body: dict) -> str:
+    def content(self, body: dict, key: str | None = None) -> str:
         prompt = body["messages"][-1]["content"]
-        r = random.Random(self.key(body))
+        r = random.Random(key or self.key(body))
         if (body.get("response_format") or {}).get("type") == "json_object":
             n = int(m.group(1)) if (m := re.search(r"(\d+)", prompt)) else 2
             words = re.findall(r"[\u4e00-\u9fff]{2,4}|[A-Za-z]{4,}", prompt) or ["text"]
             return json.dumps({"questions": [f"{r.choice(words)}{r.choice(words)}是什么？" if _zh(prompt)
                                              else f"What is {r.choice(words)} {r.choice(words)}?" for _ in range(n)]},
                               ensure_ascii=False)
+        # One choices() call, not a choice() per character: the server must stay cheap next to the
+        # client it is benchmarking on the same cores.
         if _zh(prompt):
-            chars = [c for c in prompt if "\u4e00" <= c <= "\u9fff"] or list("文字")
-            return "".join(r.choice(chars) for _ in range(r.randint(24, 60))) + "。"
+            chars = _HAN.findall(prompt) or list("文字")
+            return "".join(r.choices(chars, k=r.randint(24, 60))) + "。"
         words = re.findall(r"[A-Za-z]+", prompt) or ["word"]
-        return " ".join(r.choice(words) for _ in range(r.randint(12, 30))).capitalize() + "."
+        return " ".join(r.choices(words, k=r.randint(12, 30))).capitalize() + "."
 
     def tokens(self, text: str) -> list[tuple[str, bytes]]:
         if self.tok is None:
@@ -108,8 +110,9 @@ class FakeBackend:
             entries.append({"token": tok_s, "logprob": chosen, "bytes": list(tok_b), "top_logprobs": alts[:k]})
         return {"content": entries}
 
-    def answer(self, body: dict, fault: str | None) -> dict:
-        text = self.content(body)
+    def answer(self, body: dict, fault: str | None, key: str | None = None) -> dict:
+        key = key or self.key(body)
+        text = self.content(body, key)
         finish = "stop"
         if fault == "empty":
             text = ""
@@ -127,7 +130,7 @@ class FakeBackend:
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, len(text) // 2),
                  "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_tokens - hit}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return {"id": "fake-" + self.key(body)[:12], "object": "chat.completion", "created": int(time.time()),
+        return {"id": "fake-" + key[:12], "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model"), "choices": [choice], "usage": usage}
 
     # -- HTTP -----------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ class FakeBackend:
         if fault == "reset":
             request.transport.abort()
             return web.Response(status=500)
-        payload = json.dumps(self.answer(body, fault), ensure_ascii=False).encode()
+        payload = json.dumps(self.answer(body, fault, key), ensure_ascii=False).encode()
         if fault == "invalid":
             return web.Response(body=b"<html>502 Bad Gateway</html>", content_type="application/json")
         if fault in ("truncated", "keepalive"):
@@ -193,8 +196,12 @@ class FakeBackend:
         return app
 
 
+_HAN = re.compile(r"[\u4e00-\u9fff]")
+_LETTER = re.compile(r"[\u4e00-\u9fffA-Za-z]")
+
+
 def _zh(text: str) -> bool:
-    return len(re.findall(r"[\u4e00-\u9fff]", text)) >= 0.2 * max(1, len(re.findall(r"[\u4e00-\u9fffA-Za-z]", text)))
+    return len(_HAN.findall(text)) >= 0.2 * max(1, len(_LETTER.findall(text)))
 
 
 class FakeServer:

@@ -33,7 +33,7 @@ from shifu.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".markdown"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".pdf", ".docx"}
-BLOCK_CHARS = 1 << 20
+BLOCK_CHARS = 1 << 18  # 256K characters: big enough for fast batches, small enough to stay flat
 SNIFF_BYTES = 1 << 16
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe]")
@@ -92,14 +92,17 @@ def detect_encoding(path: Path, override: str | None = None) -> str:
     for bom, name in _BOMS:
         if head.startswith(bom):
             return name
-    if b"\x00" in head:  # valid UTF-8 can hold NULs, text never does
-        raise UserError(f"{path}: looks binary (NUL bytes, no UTF-16 BOM); give a text file, "
-                        "or set data.encoding (e.g. utf-16-le)")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-        return "utf-8"
+        utf8 = True
     except UnicodeDecodeError:
-        pass
+        utf8 = False
+    # Text may hold a stray NUL (dropped like any control character); binary holds many.
+    if head.count(0) > (len(head) // 100 if utf8 else 0):
+        raise UserError(f"{path}: looks binary (NUL bytes, no UTF-16 BOM); give a text file, "
+                        "or set data.encoding (e.g. utf-16-le)")
+    if utf8:
+        return "utf-8"
     from charset_normalizer import from_bytes
 
     best = from_bytes(head).best()
@@ -128,16 +131,21 @@ def _cut_point(text: str) -> int:
 
 
 def _blocks(read: Callable[[int], str], source: str, block_chars: int) -> Iterator[Block]:
-    """Blocks of at most block_chars from read(n) (which returns up to n normalised characters)."""
+    """Normalised blocks of at most block_chars from read(n), which returns up to n raw characters
+    (fewer only at the end). A block is cut only when more text follows."""
     offset, carry = 0, ""
-    while piece := read(block_chars - len(carry)):
-        text = carry + piece
+    while True:
+        want = block_chars - len(carry)
+        raw = read(want)
+        text = carry + normalise(raw)
+        if len(raw) < want:  # the end: what is left fits in one block
+            if text:
+                yield Block(source, offset, text)
+            return
         cut = _cut_point(text)
         yield Block(source, offset, text[:cut])
         offset += cut
         carry = text[cut:]
-    if carry:
-        yield Block(source, offset, carry)
 
 
 def _decode_error(path: Path, encoding: str, err: UnicodeDecodeError) -> UserError:
@@ -148,7 +156,7 @@ def _read_text(path: Path, encoding: str, block_chars: int) -> Iterator[Block]:
     try:
         # newline=None translates CRLF and CR even when a pair straddles two reads.
         with open(path, encoding=encoding, errors="strict", newline=None) as f:
-            yield from _blocks(lambda n: normalise(f.read(n)), str(path), block_chars)
+            yield from _blocks(f.read, str(path), block_chars)
     except UnicodeDecodeError as err:
         raise _decode_error(path, encoding, err) from None
 
@@ -167,7 +175,7 @@ def _read_jsonl(path: Path, field: str, encoding: str, block_chars: int) -> Iter
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{n}: no string field {field!r}; set data.text_field to the field "
                                     "that holds the text")
-                yield from _blocks(io.StringIO(normalise(text)).read, f"{path}#L{n}", block_chars)
+                yield from _blocks(io.StringIO(text).read, f"{path}#L{n}", block_chars)
     except UnicodeDecodeError as err:
         raise _decode_error(path, encoding, err) from None
 
@@ -212,9 +220,9 @@ def read_blocks(raw_data_path: str, encoding: str | None = None, text_field: str
     for path in find_sources(raw_data_path):
         suffix = path.suffix.lower()
         if suffix == ".pdf":
-            yield from _blocks(io.StringIO(normalise(_read_pdf(path))).read, str(path), block_chars)
+            yield from _blocks(io.StringIO(_read_pdf(path)).read, str(path), block_chars)
         elif suffix == ".docx":
-            yield from _blocks(io.StringIO(normalise(_read_docx(path))).read, str(path), block_chars)
+            yield from _blocks(io.StringIO(_read_docx(path)).read, str(path), block_chars)
         elif suffix == ".jsonl":
             yield from _read_jsonl(path, text_field, detect_encoding(path, encoding), block_chars)
         else:

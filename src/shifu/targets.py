@@ -27,8 +27,9 @@ from shifu.models import token_bytes_table
 log = logging.getLogger("shifu")
 
 
-def resolve_source(cfg: Config) -> str:
-    if cfg.distill.kd_ratio == 0:
+def resolve_source(cfg: Config, scoring: bool = False) -> str:
+    """Training with kd_ratio 0 needs no teacher rows; scoring against the teacher still does."""
+    if cfg.distill.kd_ratio == 0 and not scoring:
         return "none"
     if cfg.distill.source == "auto":
         return "api" if cfg.teacher.top_logprobs > 0 else "none"
@@ -91,8 +92,9 @@ def _build_from_local(cfg: Config, tok, enc: Encoded, writer: TargetWriter) -> N
     del teacher
 
 
-def build_targets(cfg: Config, tok, examples: list[dict], enc: Encoded) -> tuple[Targets | None, dict]:
-    source = resolve_source(cfg)
+def build_targets(cfg: Config, tok, examples: list[dict], enc: Encoded,
+                  scoring: bool = False) -> tuple[Targets | None, dict]:
+    source = resolve_source(cfg, scoring)
     if source == "none":
         return None, {"kd_source": "none"}
     width = cfg.teacher.top_logprobs + 1 if source == "api" else cfg.distill.local_top_k

@@ -1,0 +1,235 @@
+"""Teacher-client throughput: shifu's Runner against a server that answers after a fixed latency.
+
+    .venv/bin/python bench/teacher_throughput.py              # about 2 minutes; writes docs/BENCHMARKS.md
+    .venv/bin/python bench/teacher_throughput.py --reps 1     # quicker, noisier
+
+The fake OpenAI-compatible server (`python -m shifu.fake_openai`) runs in its own process on
+127.0.0.1 and answers every request after 200 ms, so this process's CPU time is the client's
+alone. For concurrency 16, 64 and 256, shifu's Runner (the one `shifu teach` uses: SQLite store,
+progress callback, retries, budget checks) sends a batch of distinct requests, a whole number of
+waves, and the figure is completed requests per second against the ideal concurrency / latency,
+median of --reps runs, with the client's CPU seconds per 1000 requests. The baseline is the
+original guide's loop: one `requests.post` after another (a new connection per call, as the guide
+wrote it). Last, one run at concurrency 64 against a server that injects a fault into 20% of
+requests (every fault kind of shifu.fake_openai), reporting the share of records stored.
+The figures replace this script's own section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LATENCY = 0.2
+SECTION = ("<!-- teacher_throughput:start -->", "<!-- teacher_throughput:end -->")
+PROMPT = "请根据下面的文本回答问题。回答准确、完整，直接给出答案。\n问题：第{i}个问题是什么？\n\n" + "天是蓝色的，因为空气散射阳光中的蓝光。" * 8
+
+
+# ---- the server, in its own process -------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m shifu.fake_openai` as a child process, with its CPU time readable from /proc."""
+
+    def __init__(self, fault_rate: float = 0.0):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "shifu.fake_openai", "--port", str(self.port), "--latency", str(LATENCY),
+               "--fault-rate", str(fault_rate), "--seed", "1", "--lifetime", "900"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("the fake server did not start")
+                time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# ---- shifu's Runner ----------------------------------------------------------------------------
+
+def config(url: str, concurrency: int, work: Path):
+    from shifu.config import config_from_dict
+
+    return config_from_dict({"work_dir": str(work), "teacher": {
+        "base_url": url, "model": "fake-teacher", "max_concurrency": concurrency, "max_tokens": 64,
+        "timeout_s": 5, "max_attempts": 20, "backoff_base_s": 0.05, "backoff_max_s": 1.0}})
+
+
+async def _run_shifu(cfg, n: int, tag: str):
+    from shifu.progress import teacher_progress
+    from shifu.store import Store
+    from shifu.teach import Runner
+    from shifu.teacher import Request, make_client
+
+    store = Store(cfg.work / "teacher.sqlite")
+    try:
+        async with make_client(cfg.teacher) as client:
+            with teacher_progress(n, cfg) as on_progress:  # the same callback `shifu teach` passes
+                runner = Runner(cfg, client, store, on_progress)
+                for i in range(n):
+                    runner.add(Request.build(cfg.teacher, PROMPT.format(i=f"{tag}-{i}")))
+                t0, c0 = time.perf_counter(), time.process_time()
+                stats = await runner.run()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        stored = store.totals()["stored_answers"]
+    finally:
+        store.close()
+    return stats, stored, wall, cpu
+
+
+def run_shifu(url: str, concurrency: int, n: int, tag: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        stats, stored, wall, cpu = asyncio.run(_run_shifu(config(url, concurrency, Path(tmp)), n, tag))
+    return {"n": n, "wall": wall, "rps": stats.done / wall, "cpu_per_1000": 1000 * cpu / n, "stored": stored,
+            "retried": stats.retried, "failed": stats.failed, "flagged": sum(stats.flags.values())}
+
+
+# ---- the original guide's loop -----------------------------------------------------------------
+
+def run_sequential(url: str, n: int) -> dict:
+    import requests
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    done = 0
+    for i in range(n):
+        body = {"model": "fake-teacher", "messages": [{"role": "user", "content": PROMPT.format(i=f"seq-{i}")}],
+                "temperature": 0.7, "max_tokens": 64}
+        r = requests.post(url + "/chat/completions", json=body, timeout=30)
+        done += bool(r.json()["choices"][0]["message"]["content"])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n}
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    load = os.getloadavg()[0]
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, aiohttp {version('aiohttp')}, requests {version('requests')}, "
+            f"load average {load:.2f} at the start")
+
+
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
+
+
+def render(rows: list[tuple], seq: dict, fault: dict, server_cpu: float, host: str, command: str,
+           seconds: float) -> str:
+    lines = [
+        "## Teacher client throughput (`bench/teacher_throughput.py`)", "",
+        f"Fake OpenAI-compatible server in its own process on 127.0.0.1, answering every request after "
+        f"{LATENCY * 1000:.0f} ms. Completed requests per second, median of the runs; the ideal is "
+        f"concurrency / latency. CPU is this (client) process's alone.", "",
+        "| client | concurrency | requests per run | completed/s | ideal/s | share of ideal | vs sequential | "
+        "client CPU s per 1000 requests |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, r, runs in rows:
+        spread = f" ({min(x['rps'] for x in runs):.0f}–{max(x['rps'] for x in runs):.0f})" if len(runs) > 1 else ""
+        ideal = c / LATENCY
+        lines.append(f"| shifu Runner | {c} | {r['n']} | {r['rps']:.1f}{spread} | {ideal:.0f} | "
+                     f"{100 * r['rps'] / ideal:.1f}% | {r['rps'] / seq['rps']:.0f}× | {r['cpu_per_1000']:.2f} |")
+    lines.append(f"| sequential `requests.post` (the guide's loop) | 1 | {seq['n']} | {seq['rps']:.2f} | "
+                 f"{1 / LATENCY:.0f} | {100 * seq['rps'] * LATENCY:.1f}% | 1× | {seq['cpu_per_1000']:.2f} |")
+    lines += [
+        "",
+        f"With faults: concurrency 64, {fault['n']} requests, 20% of responses faulted (429 with Retry-After 0, "
+        f"500, 502, 503, 504, timeout at 5 s, connection reset, truncated body, invalid JSON, keep-alive "
+        f"lines, empty, cut at max_tokens, refusal): **{100 * fault['stored'] / fault['n']:.1f}% of records "
+        f"stored** ({fault['stored']}/{fault['n']}; {fault['failed']} failed, {fault['retried']} retries, "
+        f"{fault['flagged']} stored answers flagged empty/truncated/refusal and left out of training), "
+        f"{fault['rps']:.0f} completed/s in {fault['wall']:.1f} s.", "",
+        f"The server process used {server_cpu:.2f} CPU s per 1000 requests on the same cores.", "",
+        f"Machine: {host}. Whole benchmark: {seconds:.0f} s.", "",
+        f"Command: `{command}`",
+    ]
+    return "\n".join(lines)
+
+
+def write_section(text: str, path: Path) -> None:
+    start, end = SECTION
+    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if start in doc:
+        head, rest = doc.split(start, 1)
+        doc = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip() + f"\n\n{start}\n{text}\n{end}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3, help="runs per concurrency; the median is reported")
+    p.add_argument("--waves", type=int, default=0, help="requests per run = concurrency x waves (0: 25/32/16)")
+    p.add_argument("--sequential", type=int, default=50, help="requests in the sequential baseline")
+    p.add_argument("--fault-requests", type=int, default=2048)
+    p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    a = p.parse_args()
+    command = "python bench/teacher_throughput.py" + "".join(f" {x}" for x in sys.argv[1:])
+    t_start, host = time.perf_counter(), machine()
+
+    server = Server()
+    try:
+        run_shifu(server.url, 64, 256, "warmup")  # imports, first connections
+        rows, total_n, cpu0 = [], 0, server.cpu_seconds()
+        for c, waves in ((16, 25), (64, 32), (256, 16)):
+            n = c * (a.waves or waves)
+            runs = [run_shifu(server.url, c, n, f"c{c}r{rep}") for rep in range(a.reps)]
+            total_n += n * a.reps
+            rows.append((c, median_run(runs), runs))
+            print(f"concurrency {c}: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
+        server_cpu = 1000 * (server.cpu_seconds() - cpu0) / total_n
+        seq = run_sequential(server.url, a.sequential)
+        print(f"sequential: {seq['rps']:.2f}/s", flush=True)
+    finally:
+        server.stop()
+
+    server = Server(fault_rate=0.2)
+    try:
+        fault = run_shifu(server.url, 64, a.fault_requests, "faults")
+        print(f"faults: {fault['stored']}/{fault['n']} stored, {fault['retried']} retries", flush=True)
+    finally:
+        server.stop()
+
+    text = render(rows, seq, fault, server_cpu, host, command, time.perf_counter() - t_start)
+    write_section(text, Path(a.out))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Serve a GGUF model over an OpenAI-compatible API on 127.0.0.1 with llama-cpp-python, for as long
+as a `with` block runs (the offline demo and benchmarks use it as their teacher).
+
+    with llama_cpp_server(gguf_path, alias="qwen2.5-coder-1.5b-instruct") as base_url:
+        ...   # base_url = "http://127.0.0.1:PORT/v1"
+
+Needs `pip install 'llama-cpp-python[server]'` (compiled locally; `make demo` does it). The server
+runs in its own process group and is terminated with it on exit, SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+from shifu.errors import UserError
+
+
+def free_port(preferred: int = 8765) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise UserError("no free port on 127.0.0.1")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise UserError(f"the llama.cpp server exited with code {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url + "/models", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise UserError(f"the llama.cpp server did not answer within {seconds:.0f}s; see {log_path}")
+
+
+@contextlib.contextmanager
+def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: int = 4096,
+                     port: int = 8765, ready_s: float = 300) -> Iterator[str]:
+    if not Path(gguf).exists():
+        raise UserError(f"{gguf}: GGUF file not found; run `make demo-models` (scripts/fetch_models.py)")
+    port = free_port(port)
+    url = f"http://127.0.0.1:{port}/v1"
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1), "--model_alias", alias]
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
+    try:
+        _wait_ready(url, proc, log_path, ready_s)
+        yield url
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
