@@ -193,6 +193,7 @@ def training_args(cfg: Config, has_eval: bool) -> TrainingArguments:
         remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
         train_sampling_strategy="random" if t.packing else "group_by_length",
         average_tokens_across_devices=True, dataloader_num_workers=0,
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",
         disable_tqdm=not os.isatty(2), use_cpu=not torch.cuda.is_available(), **precision(cfg))
 
 
@@ -253,7 +254,7 @@ def run_train(cfg: Config) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.time() - t0
-    tokens = int(sum(len(x) for x in enc_train.input_ids) * cfg.num_epochs) if cfg.train.max_steps < 0 else None
+    tokens = trainer.state.num_input_tokens_seen  # packed batches hold no padding: these are real tokens
     summary = {"train_examples": len(train), "eval_examples": len(held), "steps": result.global_step,
                "train_loss": round(result.training_loss, 4), "seconds": round(seconds, 1),
                "truncated_examples": enc_train.truncated, "resumed_from": resume, **kd_info,
