@@ -10,7 +10,9 @@ progress callback, retries, budget checks) sends a batch of distinct requests, a
 waves, and the figure is completed requests per second against the ideal concurrency / latency,
 median of --reps runs, with the client's CPU seconds per 1000 requests. The baseline is the
 original guide's loop: one `requests.post` after another (a new connection per call, as the guide
-wrote it). Last, one run at concurrency 64 against a server that injects a fault into 20% of
+wrote it); for reference, a bare aiohttp loop (gather under a semaphore, nothing stored) shows what
+the HTTP client alone costs, and a run with the HTTP client replaced by a sleep what the Runner
+itself costs. Last, one run at concurrency 64 against a server that injects a fault into 20% of
 requests (every fault kind of shifu.fake_openai), reporting the share of records stored.
 The figures replace this script's own section of docs/BENCHMARKS.md.
 """
@@ -19,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,7 +87,24 @@ def config(url: str, concurrency: int, work: Path):
         "timeout_s": 5, "max_attempts": 20, "backoff_base_s": 0.05, "backoff_max_s": 1.0}})
 
 
-async def _run_shifu(cfg, n: int, tag: str):
+class NoNetwork:
+    """Answers after the same latency without any HTTP: what CPU is left is the Runner's own."""
+
+    async def __aenter__(self) -> "NoNetwork":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        pass
+
+    async def complete(self, req):
+        from shifu.teacher import Answer
+
+        await asyncio.sleep(LATENCY)
+        return Answer("天是蓝色的，因为空气散射阳光中的蓝光。" * 2, "stop",
+                      {"prompt_tokens": 120, "completion_tokens": 20, "prompt_cache_hit_tokens": 40}, None, [])
+
+
+async def _run_shifu(cfg, n: int, tag: str, offline: bool = False):
     from shifu.progress import teacher_progress
     from shifu.store import Store
     from shifu.teach import Runner
@@ -93,7 +112,7 @@ async def _run_shifu(cfg, n: int, tag: str):
 
     store = Store(cfg.work / "teacher.sqlite")
     try:
-        async with make_client(cfg.teacher) as client:
+        async with (NoNetwork() if offline else make_client(cfg.teacher)) as client:
             with teacher_progress(n, cfg) as on_progress:  # the same callback `shifu teach` passes
                 runner = Runner(cfg, client, store, on_progress)
                 for i in range(n):
@@ -107,11 +126,51 @@ async def _run_shifu(cfg, n: int, tag: str):
     return stats, stored, wall, cpu
 
 
-def run_shifu(url: str, concurrency: int, n: int, tag: str) -> dict:
+def run_shifu(server: "Server", concurrency: int, n: int, tag: str) -> dict:
+    s0 = server.cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
-        stats, stored, wall, cpu = asyncio.run(_run_shifu(config(url, concurrency, Path(tmp)), n, tag))
+        stats, stored, wall, cpu = asyncio.run(_run_shifu(config(server.url, concurrency, Path(tmp)), n, tag))
     return {"n": n, "wall": wall, "rps": stats.done / wall, "cpu_per_1000": 1000 * cpu / n, "stored": stored,
+            "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n,
             "retried": stats.retried, "failed": stats.failed, "flagged": sum(stats.flags.values())}
+
+
+def run_runner_only(concurrency: int, n: int) -> float:
+    """The Runner's own CPU seconds per 1000 requests, HTTP left out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config("http://127.0.0.1:9/v1", concurrency, Path(tmp))
+        stats, _, _, cpu = asyncio.run(_run_shifu(cfg, n, "offline", offline=True))
+    assert stats.done == n
+    return 1000 * cpu / n
+
+
+# ---- a bare aiohttp loop: the HTTP client's own cost --------------------------------------------
+
+def body(i) -> dict:
+    return {"model": "fake-teacher", "messages": [{"role": "user", "content": PROMPT.format(i=i)}],
+            "temperature": 0.7, "max_tokens": 64}
+
+
+async def _bare(url: str, concurrency: int, n: int, tag: str) -> tuple[int, float, float]:
+    import aiohttp
+
+    gate = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async def one(i: int) -> bool:
+            async with gate, session.post(url + "/chat/completions", json=body(f"{tag}-{i}")) as resp:
+                return bool(json.loads(await resp.text())["choices"][0]["message"]["content"])
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        done = sum(await asyncio.gather(*(one(i) for i in range(n))))
+        return done, time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_bare(server: "Server", concurrency: int, n: int, tag: str) -> dict:
+    s0 = server.cpu_seconds()
+    done, wall, cpu = asyncio.run(_bare(server.url, concurrency, n, tag))
+    return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n,
+            "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n}
 
 
 # ---- the original guide's loop -----------------------------------------------------------------
@@ -122,9 +181,7 @@ def run_sequential(url: str, n: int) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     done = 0
     for i in range(n):
-        body = {"model": "fake-teacher", "messages": [{"role": "user", "content": PROMPT.format(i=f"seq-{i}")}],
-                "temperature": 0.7, "max_tokens": 64}
-        r = requests.post(url + "/chat/completions", json=body, timeout=30)
+        r = requests.post(url + "/chat/completions", json=body(f"seq-{i}"), timeout=30)
         done += bool(r.json()["choices"][0]["message"]["content"])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n}
@@ -141,28 +198,34 @@ def machine() -> str:
             f"load average {load:.2f} at the start")
 
 
+def busy(r: dict, ideal: float) -> float:
+    return ideal * r["cpu_per_1000"] / 10
+
+
 def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
-def render(rows: list[tuple], seq: dict, fault: dict, server_cpu: float, host: str, command: str,
+def render(rows: list[tuple], bare: list[tuple], seq: dict, fault: dict, own: float, host: str, command: str,
            seconds: float) -> str:
     lines = [
         "## Teacher client throughput (`bench/teacher_throughput.py`)", "",
         f"Fake OpenAI-compatible server in its own process on 127.0.0.1, answering every request after "
         f"{LATENCY * 1000:.0f} ms. Completed requests per second, median of the runs; the ideal is "
         f"concurrency / latency. CPU is this (client) process's alone.", "",
-        "| client | concurrency | requests per run | completed/s | ideal/s | share of ideal | vs sequential | "
-        "client CPU s per 1000 requests |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| client | concurrency | requests per run | completed/s (min–max) | ideal/s | share of ideal | "
+        "vs sequential | client CPU s per 1000 requests | server CPU s per 1000 | client loop busy at the ideal rate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c, r, runs in rows:
+    for name, c, r, runs in [("shifu Runner", *row) for row in rows] + [
+            ("bare aiohttp loop (no store, retries or checks)", *row) for row in bare]:
         spread = f" ({min(x['rps'] for x in runs):.0f}–{max(x['rps'] for x in runs):.0f})" if len(runs) > 1 else ""
         ideal = c / LATENCY
-        lines.append(f"| shifu Runner | {c} | {r['n']} | {r['rps']:.1f}{spread} | {ideal:.0f} | "
-                     f"{100 * r['rps'] / ideal:.1f}% | {r['rps'] / seq['rps']:.0f}× | {r['cpu_per_1000']:.2f} |")
+        lines.append(f"| {name} | {c} | {r['n']} | {r['rps']:.1f}{spread} | {ideal:.0f} | "
+                     f"{100 * r['rps'] / ideal:.1f}% | {r['rps'] / seq['rps']:.0f}× | {r['cpu_per_1000']:.2f} | "
+                     f"{r['server_cpu_per_1000']:.2f} | {busy(r, ideal):.0f}% |")
     lines.append(f"| sequential `requests.post` (the guide's loop) | 1 | {seq['n']} | {seq['rps']:.2f} | "
-                 f"{1 / LATENCY:.0f} | {100 * seq['rps'] * LATENCY:.1f}% | 1× | {seq['cpu_per_1000']:.2f} |")
+                 f"{1 / LATENCY:.0f} | {100 * seq['rps'] * LATENCY:.1f}% | 1× | {seq['cpu_per_1000']:.2f} | | |")
     lines += [
         "",
         f"With faults: concurrency 64, {fault['n']} requests, 20% of responses faulted (429 with Retry-After 0, "
@@ -171,7 +234,13 @@ def render(rows: list[tuple], seq: dict, fault: dict, server_cpu: float, host: s
         f"stored** ({fault['stored']}/{fault['n']}; {fault['failed']} failed, {fault['retried']} retries, "
         f"{fault['flagged']} stored answers flagged empty/truncated/refusal and left out of training), "
         f"{fault['rps']:.0f} completed/s in {fault['wall']:.1f} s.", "",
-        f"The server process used {server_cpu:.2f} CPU s per 1000 requests on the same cores.", "",
+        f"shifu's own share of the client's CPU, measured with the HTTP client replaced by a 200 ms sleep "
+        f"(store with group commit, progress callback, retry, budget and rate bookkeeping): "
+        f"{own:.2f} CPU s per 1000 requests at concurrency 256; the rest is aiohttp's.", "",
+        f"Client loop busy at the ideal rate: ideal requests per second x client CPU per request. The "
+        f"client is one asyncio event loop, and a request's {LATENCY * 1000:.0f} ms only start once the "
+        f"loop gets to send it; as that share nears 100%, with the server and any other work on the same "
+        f"{os.cpu_count()} cores, requests queue inside the loop and each cycle stretches past the latency.", "",
         f"Machine: {host}. Whole benchmark: {seconds:.0f} s.", "",
         f"Command: `{command}`",
     ]
@@ -205,15 +274,18 @@ def main() -> None:
 
     server = Server()
     try:
-        run_shifu(server.url, 64, 256, "warmup")  # imports, first connections
-        rows, total_n, cpu0 = [], 0, server.cpu_seconds()
+        run_shifu(server, 64, 256, "warmup")  # imports, first connections
+        rows = []
         for c, waves in ((16, 25), (64, 32), (256, 16)):
             n = c * (a.waves or waves)
-            runs = [run_shifu(server.url, c, n, f"c{c}r{rep}") for rep in range(a.reps)]
-            total_n += n * a.reps
+            runs = [run_shifu(server, c, n, f"c{c}r{rep}") for rep in range(a.reps)]
             rows.append((c, median_run(runs), runs))
             print(f"concurrency {c}: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
-        server_cpu = 1000 * (server.cpu_seconds() - cpu0) / total_n
+        bare = []
+        for c, waves in ((64, 32), (256, 16)):
+            runs = [run_bare(server, c, c * (a.waves or waves), f"bare{c}r{rep}") for rep in range(a.reps)]
+            bare.append((c, median_run(runs), runs))
+            print(f"bare aiohttp {c}: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
         seq = run_sequential(server.url, a.sequential)
         print(f"sequential: {seq['rps']:.2f}/s", flush=True)
     finally:
@@ -221,12 +293,14 @@ def main() -> None:
 
     server = Server(fault_rate=0.2)
     try:
-        fault = run_shifu(server.url, 64, a.fault_requests, "faults")
+        fault = run_shifu(server, 64, a.fault_requests, "faults")
         print(f"faults: {fault['stored']}/{fault['n']} stored, {fault['retried']} retries", flush=True)
     finally:
         server.stop()
 
-    text = render(rows, seq, fault, server_cpu, host, command, time.perf_counter() - t_start)
+    host += f"; load average {os.getloadavg()[0]:.2f} at the end"
+    own = run_runner_only(256, 4096)
+    text = render(rows, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
     write_section(text, Path(a.out))
     print(text)
 

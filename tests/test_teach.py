@@ -377,9 +377,11 @@ def test_flagged_answers_are_counted_and_left_out_of_the_dataset(fake_server, ma
     flagged = stats["flags"]
     assert set(flagged) == {"empty", "truncated", "refusal"}
     ds = run_stage("dataset", cfg)
-    # Every flagged answer a dataset example would have used is rejected with its flag.
+    # Every flagged answer a dataset example would have used is rejected with its flag (a question
+    # proposal refused or cut off twice leaves its chunk without questions).
     rejected = Counter(r["reason"] for r in read_jsonl(cfg.work / "rejected.jsonl"))
-    assert rejected and set(rejected) <= {"empty", "truncated", "refusal"}
+    assert {"empty", "truncated", "refusal"} & set(rejected)
+    assert set(rejected) <= {"empty", "truncated", "refusal", "malformed_questions"}
     assert {k.split(":")[1]: v for k, v in ds.items() if k.startswith("rejected:")} == dict(rejected)
     store = Store(cfg.work / "teacher.sqlite")
     for ex in read_jsonl(cfg.work / "examples.jsonl"):
@@ -400,7 +402,7 @@ def test_a_crashing_worker_ends_the_run_instead_of_hanging(fake_server, make_con
     def full_disk(*args, **kwargs):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(Store, "put_ok", full_disk)
+    monkeypatch.setattr(Store, "put_ok_many", full_disk)
     tasks = list(read_jsonl(cfg.work / "tasks.jsonl"))
 
     async def go():

@@ -81,9 +81,9 @@ class FakeBackend:
                               ensure_ascii=False)
         # One choices() call, not a choice() per character: the server must stay cheap next to the
         # client it is benchmarking on the same cores.
-        if _zh(prompt):
-            chars = _HAN.findall(prompt) or list("文字")
-            return "".join(r.choices(chars, k=r.randint(24, 60))) + "。"
+        han = _HAN.findall(prompt)
+        if _zh(prompt, han):
+            return "".join(r.choices(han or list("文字"), k=r.randint(24, 60))) + "。"
         words = re.findall(r"[A-Za-z]+", prompt) or ["word"]
         return " ".join(r.choices(words, k=r.randint(12, 30))).capitalize() + "."
 
@@ -197,11 +197,12 @@ class FakeBackend:
 
 
 _HAN = re.compile(r"[\u4e00-\u9fff]")
-_LETTER = re.compile(r"[\u4e00-\u9fffA-Za-z]")
+_LATIN = re.compile(r"[A-Za-z]")
 
 
-def _zh(text: str) -> bool:
-    return len(_HAN.findall(text)) >= 0.2 * max(1, len(_LETTER.findall(text)))
+def _zh(text: str, han: list[str] | None = None) -> bool:
+    n_han = len(_HAN.findall(text) if han is None else han)
+    return n_han >= 0.2 * max(1, n_han + len(_LATIN.findall(text)))
 
 
 class FakeServer:

@@ -63,10 +63,20 @@ class Store:
         return {k for (k,) in self.db.execute("SELECT key FROM answers WHERE status = 'ok'")}
 
     def put_ok(self, key: str, ans: Answer, cost: float | None, attempts: int) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-            (key, ans.content, ans.finish_reason, json.dumps(ans.flags), json.dumps(ans.usage), cost,
-             ans.logprobs, attempts, time.time()))
+        self.put_ok_many([(key, ans, cost, attempts)])
+
+    def put_ok_many(self, rows: list[tuple[str, Answer, float | None, int]]) -> None:
+        """Commit several answers in one transaction: all of them are on disk when this returns, or none."""
+        now = time.time()
+        values = [(key, ans.content, ans.finish_reason, json.dumps(ans.flags), json.dumps(ans.usage), cost,
+                   ans.logprobs, attempts, now) for key, ans, cost, attempts in rows]
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)", values)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
 
     def put_failed(self, key: str, reason: str, attempts: int) -> None:
         # Never overwrite a good answer with a later failure.
