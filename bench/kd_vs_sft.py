@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, write_section
+
 CACHE = Path(os.environ.get("SHIFU_CACHE", Path.home() / ".cache" / "shifu"))
 CORPUS = ROOT.parent / "shared" / "corpus"
 RUNS = ROOT / "runs" / "bench-kd"
@@ -100,15 +100,6 @@ def run_pair(pair: str, base_url: str, steps: int) -> dict:
     return out
 
 
-def machine() -> str:
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return (f"{os.cpu_count()} cores ({cpu}), no GPU; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, llama-cpp-python server (teacher)")
-
-
 def table(pair: str, r: dict) -> list[str]:
     spec = PAIRS[pair]
     lines = [f"### {pair} tokenizer: teacher Qwen2.5-Coder-1.5B (llama.cpp, top-20) -> student {spec['student']}", "",
@@ -124,18 +115,6 @@ def table(pair: str, r: dict) -> list[str]:
         lines.append(f"| {label} | {m.get('kl_teacher_student', float('nan')):.4f} | {m['loss']:.4f} | "
                      f"{m.get('top1_agreement', float('nan')):.4f} | {t} |")
     return lines + [""]
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    start, end = "<!-- kd_vs_sft:start -->", "<!-- kd_vs_sft:end -->"
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if start in doc:
-        head, rest = doc.split(start)
-        doc = head + start + "\n" + text + "\n" + end + rest.split(end)[1]
-    else:
-        doc = doc.rstrip() + f"\n\n{start}\n{text}\n{end}\n"
-    path.write_text(doc, encoding="utf-8")
 
 
 def main() -> None:
@@ -154,12 +133,12 @@ def main() -> None:
             print(pair, results[pair], flush=True)
     lines = ["## Distillation vs fine-tuning alone (issue 5)", "",
              f"Command: `.venv/bin/python bench/kd_vs_sft.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
-             f"Machine: {machine()}  ",
+             f"Machine: {machine('torch', 'transformers', 'peft', 'llama-cpp-python')}  ",
              f"Same examples, {a.steps} optimizer steps, batch 4, lr 2e-4, LoRA r=8 all-linear, seed 7, for both "
              "students; metrics on held-out chunks' teacher answers, teacher-forced.", ""]
     for pair, r in results.items():
         lines += table(pair, r)
-    write_section("\n".join(lines))
+    write_section("kd_vs_sft", "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -23,18 +23,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
+
+from common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY = 0.2
-SECTION = ("<!-- teacher_throughput:start -->", "<!-- teacher_throughput:end -->")
 PROMPT = "请根据下面的文本回答问题。回答准确、完整，直接给出答案。\n问题：第{i}个问题是什么？\n\n" + "天是蓝色的，因为空气散射阳光中的蓝光。" * 8
 
 
@@ -189,15 +188,6 @@ def run_sequential(url: str, n: int) -> dict:
 
 # ---- report -------------------------------------------------------------------------------------
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    load = os.getloadavg()[0]
-    return (f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, aiohttp {version('aiohttp')}, requests {version('requests')}, "
-            f"load average {load:.2f} at the start")
-
-
 def busy(r: dict, ideal: float) -> float:
     return ideal * r["cpu_per_1000"] / 10
 
@@ -247,20 +237,6 @@ def render(rows: list[tuple], bare: list[tuple], seq: dict, fault: dict, own: fl
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    start, end = SECTION
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if start in doc:
-        head, rest = doc.split(start, 1)
-        doc = head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip() + f"\n\n{start}\n{text}\n{end}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(doc, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=3, help="runs per concurrency; the median is reported")
@@ -270,7 +246,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args()
     command = "python bench/teacher_throughput.py" + "".join(f" {x}" for x in sys.argv[1:])
-    t_start, host = time.perf_counter(), machine()
+    t_start, host = time.perf_counter(), machine("aiohttp", "requests")
 
     server = Server()
     try:
@@ -301,7 +277,7 @@ def main() -> None:
     host += f"; load average {os.getloadavg()[0]:.2f} at the end"
     own = run_runner_only(256, 4096)
     text = render(rows, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
-    write_section(text, Path(a.out))
+    write_section("teacher_throughput", text, Path(a.out))
     print(text)
 
 

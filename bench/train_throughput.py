@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine, write_section
+
 CACHE = Path(os.environ.get("SHIFU_CACHE", Path.home() / ".cache" / "shifu"))
 BATCH, MAX_LEN, N_EXAMPLES, WARMUP = 4, 512, 64, 2
 
@@ -157,28 +157,6 @@ def run_child(kind: str, model: str, steps: int, kd_k: int = 0) -> dict:
             "wall_s": time.time() - t0}
 
 
-def machine() -> str:
-    import torch
-    import transformers
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return (f"{os.cpu_count()} cores ({cpu}), {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB, "
-            f"no GPU; Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}")
-
-
-def write_section(text: str) -> None:
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    start, end = "<!-- train_throughput:start -->", "<!-- train_throughput:end -->"
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if start in doc:
-        head, rest = doc.split(start)
-        doc = head + start + "\n" + text + "\n" + end + rest.split(end)[1]
-    else:
-        doc = doc.rstrip() + f"\n\n{start}\n{text}\n{end}\n"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(doc, encoding="utf-8")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,smollm2-135m,qwen0.5b")
@@ -194,7 +172,7 @@ def main() -> None:
         return
     lines = ["## Training throughput: shifu vs TRL SFTTrainer", "",
              f"Command: `{' '.join(['.venv/bin/python', 'bench/train_throughput.py'] + sys.argv[1:])}`  ",
-             f"Machine: {machine()}  ",
+             f"Machine: {machine('torch', 'transformers', 'peft')}  ",
              f"Setup: batch {BATCH}, max_length {MAX_LEN}, {N_EXAMPLES} examples (150+150 characters of 孔乙己, chat template), "
              "LoRA r=8/alpha 16 all-linear, fp32, no gradient checkpointing, answer-only loss; median of "
              f"{a.steps - WARMUP} steps after {WARMUP} warm-up; peak RSS of the whole process; TRL 1.16.0 "
@@ -211,7 +189,7 @@ def main() -> None:
                          f"{r['tokens_per_s'] / trl['tokens_per_s']:.2f}x | {r['peak_rss_gib'] / trl['peak_rss_gib']:.2f}x |")
         lines.append(f"| {name} | distillation step / plain step | {kd['s_per_step'] / plain['s_per_step']:.2f}x | | | | |")
         print("\n".join(lines[-4:]), flush=True)
-    write_section("\n".join(lines))
+    write_section("train_throughput", "\n".join(lines))
     print("\n".join(lines))
 
 
