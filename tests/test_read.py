@@ -230,6 +230,14 @@ def test_blocks_respect_the_limit_cut_at_boundaries_and_keep_offsets(tmp_path):
     assert offsets == [sum(len(b.text) for b in blocks[:k]) for k in range(len(blocks))]
 
 
+def test_hard_wrapped_text_is_cut_at_sentence_ends_not_line_breaks(tmp_path):
+    wrapped = "\n".join(EN.replace("\n", " ")[i:i + 70] for i in range(0, 600, 70)) * 5  # no blank line
+    path = write(tmp_path / "wrapped.txt", wrapped.encode("utf-8"))
+    blocks = list(read_blocks(str(path), block_chars=400))
+    assert "".join(b.text for b in blocks) == wrapped
+    assert all(b.text.rstrip()[-1] in ".!?”’" for b in blocks[:-1]), [b.text[-30:] for b in blocks]
+
+
 def test_a_huge_line_without_boundaries_is_still_cut_to_the_limit(tmp_path):
     path = write(tmp_path / "line.txt", ("字" * 10_000).encode("utf-8"))
     blocks = list(read_blocks(str(path), block_chars=999))

@@ -17,13 +17,14 @@ the strongest boundary that leaves it at least half full. A sentence that fits i
 longer than the limit is split at its best clause, then line, then word. A line break ranks below a
 clause because hard-wrapped text (Project Gutenberg, PDF extraction) breaks lines mid-sentence.
 Offsets are kept, so every chunk points back to its source, and without overlap the chunks
-concatenate to the text. In token mode, pieces are counted in batches (one tokenizer call per level
-of the ladder, not one per piece), and every finished chunk is counted again as a whole, since token
-counts of pieces do not quite add up.
+concatenate to the text. In token mode, pieces are counted in batches (one tokenizer call for all the
+pieces of a span that does not fit, not one per piece), and every finished chunk is counted again as
+a whole, since token counts of pieces do not quite add up.
 Exact and near-duplicate chunks are removed and counted: one-permutation MinHash over character
 5-grams (64 buckets, densified), computed for a whole block of chunks in one vectorised pass, and
-LSH banding (16 bands of 4) to find candidates. The index keeps, per kept chunk, its signature and
-16 band keys, so it grows by about 1.5 KB per chunk (docs/BENCHMARKS.md has the measured figure).
+LSH banding (8 bands of 3) to find candidates. The index keeps, per kept chunk, its hash, its packed
+signature (64 bytes) and 8 band keys (64 bytes), all in numpy arrays: it grows by about 140 bytes
+per kept chunk (docs/BENCHMARKS.md has the measured figure).
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ class Tokens:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers: count without Python lists
+        if backend is not None and (backend.truncation or backend.padding):
+            # A tokenizer.json may ask for truncation or padding, which would falsify counts; use a copy without.
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
         self.encode = backend and getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     def sizes(self, texts: list[str]) -> list[int]:
@@ -133,7 +141,9 @@ def token_measure(model_name: str, trust_remote_code: bool = False) -> Tokens:
 
 def _pieces(text: str, start: int, end: int, level: int) -> list[tuple[int, int]]:
     """Split text[start:end] after every boundary of this level; the boundary stays with the left piece."""
-    cuts = [m.end() for m in LEVELS[level].finditer(text, start, end) if start < m.end() < end]
+    cuts = [m.end() for m in LEVELS[level].finditer(text, start, end)]  # every match ends after start
+    if cuts and cuts[-1] == end:
+        cuts.pop()
     bounds = [start, *cuts, end]
     return list(zip(bounds, bounds[1:]))
 
@@ -303,6 +313,8 @@ def split_text(text: str, size: int, measure=len, overlap: int = 0) -> list[tupl
     but the first starts up to `overlap` units earlier, at a boundary (see _overlap_start); the
     packing budget shrinks by the overlap so that the limit still holds.
     """
+    if not 0 <= overlap < size:
+        raise ValueError(f"need 0 <= overlap < size, got overlap {overlap} and size {size}")
     m = as_measure(measure)
     spans = _split(text, size - overlap, m)
     if overlap <= 0 or len(spans) < 2:
@@ -323,7 +335,7 @@ def language(text: str) -> str:
 
 # ---- duplicates ---------------------------------------------------------------------------------
 
-_NUM_PERM, _BANDS, _ROWS = 64, 16, 4
+_NUM_PERM, _BANDS, _ROWS = 64, 8, 3  # 8 bands of 3: a pair at Jaccard 0.85 shares a band 99.95% of the time
 _EMPTY = np.uint32(0xFFFFFFFF)
 _K = 5
 
@@ -339,9 +351,16 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 
 def _codes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All texts' code points in one uint32 array (plus _K zeros of padding), and each text's end."""
-    codes = np.frombuffer(("".join(texts) + "\0" * _K).encode("utf-32-le"), np.uint32)
-    return codes, np.cumsum(np.fromiter(map(len, texts), np.int64, len(texts)))
+    """All texts' UTF-16 code units in one uint16 array (plus _K zeros of padding), and each text's end.
+    UTF-16 rather than code points: half the bytes for every numpy pass; a character beyond the BMP
+    simply counts as two units."""
+    joined = "".join(texts)
+    raw = (joined + "\0" * _K).encode("utf-16-le")
+    if len(raw) // 2 == len(joined) + _K:
+        lens = np.fromiter(map(len, texts), np.int64, len(texts))
+    else:
+        lens = np.fromiter((len(t.encode("utf-16-le")) // 2 for t in texts), np.int64, len(texts))
+    return np.frombuffer(raw, np.uint16), np.cumsum(lens)
 
 
 def _per_text(mask: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -369,10 +388,10 @@ def signatures(texts: list[str], k: int = _K) -> np.ndarray:
     keep = codes[:total] > 32
     keep &= codes[:total] != 0xA0
     keep &= codes[:total] != 0x3000
-    codes = np.concatenate([codes[:total][keep], np.zeros(k, np.uint32)])
+    codes = np.concatenate([codes[:total][keep], np.zeros(k, np.uint16)])
     lens = _per_text(keep, ends)
     ends, total = np.cumsum(lens), int(lens.sum())
-    h = codes[:total].copy()
+    h = codes[:total].astype(np.uint32)
     for j in range(1, k):  # polynomial hash of codes[p:p+k]
         h *= np.uint32(1_000_003)
         h += codes[j:total + j]
@@ -397,8 +416,9 @@ def languages(texts: list[str]) -> list[str]:
         return []
     codes, ends = _codes(texts)
     codes = codes[:int(ends[-1])]
-    cjk = _per_text(((codes >= 0x3400) & (codes <= 0x9FFF)) | ((codes >= 0xF900) & (codes <= 0xFAFF)), ends)
-    latin = _per_text(((codes | 0x20) >= 0x61) & ((codes | 0x20) <= 0x7A), ends)
+    # Range tests as one unsigned comparison each: below the range wraps round to a large number.
+    cjk = _per_text(((codes - 0x3400) < 0xA000 - 0x3400) | ((codes - 0xF900) < 0xFB00 - 0xF900), ends)
+    latin = _per_text(((codes | 0x20) - 0x61) < 26, ends)
     return ["zh" if c >= 0.2 * max(1, c + l) else "en" for c, l in zip(cjk.tolist(), latin.tolist())]
 
 
@@ -420,13 +440,63 @@ def _densify(sig: np.ndarray) -> np.ndarray:
     return sig
 
 
-def _band_keys(sig: np.ndarray) -> list[list[int]]:
-    """One 64-bit key per band of 4 MinHash values, the band's number mixed in so one dict serves all."""
-    bands = sig.reshape(len(sig), _BANDS, _ROWS).astype(np.uint64)
-    key = np.broadcast_to(np.arange(_BANDS, dtype=np.uint64), (len(sig), _BANDS)).copy()
+def _band_keys(sig: np.ndarray) -> np.ndarray:
+    """One 30-bit key per band of 3 MinHash values, (len(sig), 8) uint32, the band's number mixed in
+    so that one index serves all bands; a rare collision of unrelated keys only costs a comparison."""
+    bands = sig[:, :_BANDS * _ROWS].reshape(len(sig), _BANDS, _ROWS).astype(np.uint64)
+    key = np.broadcast_to(np.arange(1, _BANDS + 1, dtype=np.uint64), (len(sig), _BANDS)).copy()
     for r in range(_ROWS):
         key = key * np.uint64(0x100000001B3) + bands[:, :, r]
-    return key.tolist()
+    return ((key ^ (key >> np.uint64(31))) & np.uint64((1 << 30) - 1)).astype(np.uint32)
+
+
+def _merge(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Two (sorted keys, values) runs as one; timsort merges two sorted runs in linear time."""
+    keys, values = np.concatenate([a[0], b[0]]), np.concatenate([a[1], b[1]])
+    order = np.argsort(keys, kind="stable")
+    return keys[order], values[order]
+
+
+class _SortedIndex:
+    """Key -> value in sorted numpy arrays (a 32-bit band key takes 8 bytes, where a dict entry takes
+    about 70): a small run takes each batch's new keys and is merged into the big one every `spill`
+    keys, so that adding costs time in proportion to the small run."""
+
+    def __init__(self, key_dtype, spill: int = 1 << 16):
+        empty = (np.empty(0, key_dtype), np.empty(0, np.int32))
+        self.recent, self.settled, self.spill = empty, empty, spill
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The value of each key, -1 where absent; same shape as keys."""
+        flat = keys.ravel()
+        found = np.full(len(flat), -1, np.int64)
+        for run_keys, run_values in (self.settled, self.recent):
+            if len(run_keys):
+                pos = np.minimum(np.searchsorted(run_keys, flat), len(run_keys) - 1)
+                found = np.where(run_keys[pos] == flat, run_values[pos], found)
+        return found.reshape(keys.shape)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add keys (sorted, absent so far, no two alike) with their values."""
+        self.recent = _merge(self.recent, (keys, values.astype(np.int32)))
+        if len(self.recent[0]) >= self.spill:
+            self.settled, self.recent = _merge(self.settled, self.recent), (self.recent[0][:0], self.recent[1][:0])
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (*self.recent, *self.settled))
+
+
+def _first_in_batch(keys: np.ndarray) -> np.ndarray:
+    """For each (row, band), the first row of the batch with the same key (the row itself if none)."""
+    _, first, inverse = np.unique(keys.ravel(), return_index=True, return_inverse=True)
+    return (first // keys.shape[1])[inverse].reshape(keys.shape)
+
+
+def _pairs(candidates: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, candidate) pairs from a (rows, bands) table where valid, each pair once, by row."""
+    rows, bands = np.nonzero(valid)
+    pairs = np.unique(rows.astype(np.int64) << 32 | candidates[rows, bands])  # candidates < 2^32
+    return pairs >> 32, pairs & 0xFFFFFFFF
 
 
 class Deduper:
@@ -434,57 +504,74 @@ class Deduper:
 
         dedup = Deduper(0.85)
         dedup.keep(["one text", "another", "one text"])   # [True, True, False]
+
+    A batch goes through numpy together: every LSH candidate pair (a shared band) is compared in one
+    vectorised step; only pairs of near copies inside the batch are then walked in order. Memory per
+    kept text, all in numpy arrays: its hash (12 bytes), 8 band keys (64 bytes) and its signature
+    (64 one-byte lanes: b-bit MinHash with b = 8, where unequal values collide 1 time in 256, which
+    moves no estimate near a threshold).
     """
 
     def __init__(self, threshold: float):
         self.threshold = threshold
-        self.exact: set[int] = set()
-        self.index: dict[int, int] = {}  # band key -> the first kept text that has it
-        self.sigs = np.empty((0, _NUM_PERM), np.uint32)
+        self.exact = _SortedIndex(np.int64)  # hash of every text seen -> 0
+        self.bands = _SortedIndex(np.uint32)  # band key -> the first kept text that has it
+        self.sigs = np.empty((0, _NUM_PERM), np.uint8)  # signature of every kept text; grown by doubling
         self.count = 0
         self.exact_dups = self.near_dups = 0
 
     def keep(self, texts: list[str]) -> list[bool]:
         """For each text, in order, whether it is new: no exact copy of a text seen before it, and no
         near copy (whitespace ignored) of a text kept before it. Kept texts are remembered."""
-        near = self.threshold < 1
-        sigs = signatures(texts) if near else None
-        keys = _band_keys(sigs) if near else None
-        out = []
-        for i, text in enumerate(texts):
-            h = hash(text)  # process-local, which is all an in-memory index needs
-            if h in self.exact:
-                self.exact_dups += 1
-                out.append(False)
-                continue
-            self.exact.add(h)
-            if near and not self._add_if_new(sigs[i], keys[i]):
-                self.near_dups += 1
-                out.append(False)
-                continue
-            out.append(True)
-        return out
+        hashes = np.fromiter(map(hash, texts), np.int64, len(texts))  # process-local: fine for an in-memory index
+        unique, first = np.unique(hashes, return_index=True)
+        new = np.zeros(len(texts), bool)
+        new[first[self.exact.lookup(unique) < 0]] = True  # first in the batch, and not seen before
+        self.exact.add(np.sort(hashes[new]), np.zeros(int(new.sum()), np.int32))
+        self.exact_dups += len(texts) - int(new.sum())
+        rows = np.flatnonzero(new)
+        if self.threshold < 1 and len(rows):
+            new[rows[self._near_copies([texts[i] for i in rows.tolist()])]] = False
+        return new.tolist()
 
     def is_duplicate(self, text: str) -> bool:
         return not self.keep([text])[0]
 
-    def _add_if_new(self, sig: np.ndarray, keys: list[int]) -> bool:
-        """Compare with the kept texts that share a band (LSH candidates); remember sig unless one is similar."""
-        found = list(map(self.index.get, keys))
-        if found.count(None) < _BANDS:
-            candidates = list({j for j in found if j is not None})
-            if np.count_nonzero(self.sigs[candidates] == sig, axis=1).max() >= self.threshold * _NUM_PERM:
-                return False
-        if self.count == len(self.sigs):  # grow by doubling: amortised O(1) appends
-            grown = np.empty((max(1024, 2 * len(self.sigs)), _NUM_PERM), np.uint32)
-            grown[:self.count] = self.sigs
+    def _near_copies(self, texts: list[str]) -> np.ndarray:
+        """Which texts are near copies of a kept text or of an earlier one here; remember the others."""
+        n = len(texts)
+        sigs = signatures(texts)
+        keys = _band_keys(sigs)
+        packed = sigs.astype(np.uint8)
+        need = self.threshold * _NUM_PERM
+        found = self.bands.lookup(keys)  # kept texts that share a band
+        r, j = _pairs(found, found >= 0)
+        near = np.zeros(n, bool)
+        near[r[(self.sigs[j] == packed[r]).sum(axis=1) >= need]] = True
+        earlier = _first_in_batch(keys)  # earlier texts of this batch that share a band
+        r, e = _pairs(earlier, earlier < np.arange(n)[:, None])
+        similar = (packed[e] == packed[r]).sum(axis=1) >= need
+        for r, e in zip(r[similar].tolist(), e[similar].tolist()):  # by row: near[e] is final first
+            near[r] |= not near[e]
+        self.near_dups += int(near.sum())
+        self._remember(np.flatnonzero(~near), keys, found, packed)
+        return near
+
+    def _remember(self, rows: np.ndarray, keys: np.ndarray, found: np.ndarray, packed: np.ndarray) -> None:
+        # New band keys: those of kept rows not in the index, each from the first kept row that has it.
+        new_keys, first = np.unique(keys[rows].ravel(), return_index=True)
+        absent = found[rows].ravel()[first] < 0
+        self.bands.add(new_keys[absent], self.count + (first // _BANDS)[absent])
+        if self.count + len(rows) > len(self.sigs):
+            grown = np.empty((max(1024, 2 * (self.count + len(rows))), _NUM_PERM), np.uint8)
+            grown[:self.count] = self.sigs[:self.count]
             self.sigs = grown
-        self.sigs[self.count] = sig
-        for key, j in zip(keys, found):
-            if j is None:
-                self.index[key] = self.count
-        self.count += 1
-        return True
+        self.sigs[self.count:self.count + len(rows)] = packed[rows]
+        self.count += len(rows)
+
+    def nbytes(self) -> int:
+        """What the index holds, for reports: hashes, band keys, signatures."""
+        return self.exact.nbytes() + self.bands.nbytes() + self.sigs.nbytes  # sigs: allocated, not just used
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -498,8 +585,8 @@ def chunk_blocks(blocks: Iterable[Block], cfg: Config, measure, dedup: Deduper) 
         for start, end in split_text(block.text, cfg.chunk_size, m, cfg.data.chunk_overlap):
             raw = block.text[start:end]
             text = raw.strip()
-            if len(text) >= cfg.data.min_chunk_chars:
-                found.append((block.offset + start + len(raw) - len(raw.lstrip()), text))
+            if len(text) >= cfg.data.min_chunk_chars:  # its first character is the first non-space of raw
+                found.append((block.offset + start + raw.find(text[0]), text))
         texts = [t for _, t in found]
         kept = [(start, text) for (start, text), new in zip(found, dedup.keep(texts)) if new]
         for (start, text), lang in zip(kept, languages([t for _, t in kept])):
@@ -508,21 +595,20 @@ def chunk_blocks(blocks: Iterable[Block], cfg: Config, measure, dedup: Deduper) 
             n += 1
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False)
+def _line(rec: dict, quote: Callable[[str], str] = json.encoder.encode_basestring) -> str:
+    """json.dumps(rec, ensure_ascii=False) + newline, twice as fast: only the two strings need escaping,
+    which json's own C function does (the one JSONEncoder(ensure_ascii=False) calls)."""
+    return (f'{{"chunk_id": {rec["chunk_id"]}, "source": {quote(rec["source"])}, "start": {rec["start"]}, '
+            f'"end": {rec["end"]}, "lang": "{rec["lang"]}", "text": {quote(rec["text"])}}}\n')
 
 
-def _line(rec: dict) -> str:
-    """json.dumps(rec, ensure_ascii=False) + newline, twice as fast: only the strings need escaping."""
-    return (f'{{"chunk_id": {rec["chunk_id"]}, "source": {_JSON.encode(rec["source"])}, "start": {rec["start"]}, '
-            f'"end": {rec["end"]}, "lang": "{rec["lang"]}", "text": {_JSON.encode(rec["text"])}}}\n')
-
-
-def run_chunk(cfg: Config) -> dict:
-    """Read raw_data_path, write work_dir/chunks.jsonl; return counts for the run summary."""
+def run_chunk(cfg: Config, dedup: Deduper | None = None) -> dict:
+    """Read raw_data_path, write work_dir/chunks.jsonl; return counts for the run summary.
+    `dedup` lets a caller (the benchmark) look at the index afterwards."""
     measure = token_measure(cfg.model_name, cfg.trust_remote_code) if cfg.data.chunk_unit == "tokens" else Chars()
     blocks = read_blocks(cfg.raw_data_path, cfg.data.encoding, cfg.data.text_field)
     count = chars = 0
-    dedup = Deduper(cfg.data.dedup_threshold)
+    dedup = dedup or Deduper(cfg.data.dedup_threshold)
     out = cfg.work / "chunks.jsonl"
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in chunk_blocks(blocks, cfg, measure, dedup):

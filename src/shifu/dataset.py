@@ -46,7 +46,8 @@ def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: De
         return "wrong_language"
     if len(text) >= 20:
         match = difflib.SequenceMatcher(None, chunk["text"], text, autojunk=False).find_longest_match()
-        if match.size / len(text) > cfg.tasks.max_copy_ratio and (category == "文章生成" or match.size >= len(chunk["text"]) / 2):
+        copied = match.size / len(text) > cfg.tasks.max_copy_ratio
+        if copied and (category == "文章生成" or match.size >= len(chunk["text"]) / 2):
             return "copy_of_chunk"
     if dedup.is_duplicate(text):
         return "near_duplicate"

@@ -9,13 +9,15 @@ Inputs: .txt and .md as plain text, .jsonl with one document per line (a configu
 supported file under it, a glob every supported file it matches (hidden files are skipped); a single
 file is read as text whatever its suffix. Encodings: a BOM decides first (UTF-8, UTF-16, UTF-32);
 then strict UTF-8; then charset-normalizer's best guess (GB18030 for any GB2312/GBK guess, since it
-is a superset; Big5; ...). `data.encoding` overrides. NUL bytes without a UTF-16/32 BOM mean binary.
+is a superset; Big5; ...). `data.encoding` overrides. NUL bytes without a UTF-16/32 BOM (over 1% of
+valid UTF-8, any in anything else) mean binary.
 Normalisation: CRLF and CR become LF, Unicode line and paragraph separators become LF, control
 characters other than LF and TAB are dropped, a BOM inside the text is dropped; full-width
 punctuation is kept as written (no NFKC).
-Large inputs are streamed in blocks of at most `block_chars` characters, cut at a paragraph, line
-or sentence boundary where one lies in the second half of the block, so memory does not grow with
-the size of the corpus. Offsets are character offsets into the normalised text of each document.
+Large inputs are streamed in blocks of at most `block_chars` characters, cut at a paragraph break,
+else a sentence end, else a line break or space in the second half of the block, so memory does
+not grow with the size of the corpus. Offsets are character offsets into the normalised text of
+each document.
 """
 
 from __future__ import annotations
@@ -114,20 +116,19 @@ def detect_encoding(path: Path, override: str | None = None) -> str:
 
 
 def _cut_point(text: str) -> int:
-    """Where to end a block: the last paragraph break, line break or sentence end in its second half,
-    else the last whitespace there, else the end."""
+    """Where to end a block: in its second half, the last paragraph break, else sentence end, else line
+    break (which in hard-wrapped text falls mid-sentence), else whitespace; failing all, the end."""
     half = len(text) // 2
-    for pattern in ("\n\n", "\n"):
-        i = text.rfind(pattern)
-        if i >= half:
-            return i + len(pattern)
+    i = text.rfind("\n\n")
+    if i >= half:
+        return i + 2
     m = None
     for m in _SENTENCE_END.finditer(text, half):
         pass
     if m is not None:
         return m.end()
-    space = max(text.rfind(" "), text.rfind("\t"))
-    return space + 1 if space >= half else len(text)
+    i = max(text.rfind("\n"), text.rfind(" "), text.rfind("\t"))
+    return i + 1 if i >= half else len(text)
 
 
 def _blocks(read: Callable[[int], str], source: str, block_chars: int) -> Iterator[Block]:
@@ -170,7 +171,8 @@ def _read_jsonl(path: Path, field: str, encoding: str, block_chars: int) -> Iter
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object") from None
+                    raise UserError(f"{path}:{n}: not valid JSON ({err.msg}); each line must be one JSON object"
+                                    ) from None
                 text = record.get(field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise UserError(f"{path}:{n}: no string field {field!r}; set data.text_field to the field "
@@ -189,7 +191,8 @@ def _read_pdf(path: Path) -> str:
     try:
         return "\n\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
     except (PdfReadError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: not a readable PDF ({type(err).__name__}); export it again or convert it to .txt") from None
+        raise UserError(f"{path}: not a readable PDF ({type(err).__name__}); export it again or convert it "
+                        "to .txt") from None
 
 
 def _read_docx(path: Path) -> str:
@@ -204,7 +207,8 @@ def _read_docx(path: Path) -> str:
     try:
         document = docx.Document(str(path))
     except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as err:
-        raise UserError(f"{path}: not a readable .docx ({type(err).__name__}); save it again as .docx or .txt") from None
+        raise UserError(f"{path}: not a readable .docx ({type(err).__name__}); save it again as .docx "
+                        "or .txt") from None
     parts = []
     for item in document.iter_inner_content():  # paragraphs and tables in document order
         if hasattr(item, "rows"):

@@ -13,8 +13,9 @@ Kinds:
 `teacher_data_ratio` decides, per chunk and kind, deterministically under `tasks.seed`, whether a
 task goes to the teacher. The rest become continuation examples from the text itself: the first
 part of the chunk is the prompt and the real passage that follows it is the target (cut at a
-sentence end, else a clause, else a space; at most one such example per chunk, since a second would
-be the same example). Both parts come from one chunk, so the train/eval split by chunk stays clean.
+sentence end, or a clause or space where no sentence end is near the wanted length; at most one such
+example per chunk, since a second would be the same example). Both parts come from one chunk, so
+the train/eval split by chunk stays clean.
 Templates exist in Chinese and English; each chunk gets the one of its language. In any template,
 {chunk}, {n} (questions wanted) and {question} are filled in; double a brace to write it literally.
 """
@@ -85,16 +86,24 @@ def goes_to_teacher(seed: int, chunk_id: int, kind: str, ratio: float) -> bool:
 
 
 def split_for_continuation(text: str, target_chars: int) -> tuple[str, str] | None:
-    """Prompt = the chunk's head, target = the real passage after it (about target_chars, at most
-    half the chunk), cut at a sentence end, else a clause, else a space; None if the chunk has none
-    that leaves both parts at least a quarter of the chunk (or 10 characters of target)."""
+    """Prompt = the chunk's head, target = the real passage after it: about target_chars (at most half
+    the chunk), cut at the sentence end nearest that length; at a clause, else a space, only where no
+    sentence end lies within target_chars/2 of it. None if there is no cut that leaves both parts at
+    least a quarter of the chunk (and 10 characters of target)."""
     want = max(len(text) - target_chars, len(text) // 2)
-    for pattern in (SENTENCE_END, LEVELS[3], LEVELS[5]):
+    best = None
+    for pattern in (SENTENCE_END, LEVELS[3], LEVELS[5]):  # sentence end, clause, space
         cuts = [m.end() for m in pattern.finditer(text) if len(text) // 4 <= m.end() <= len(text) - 10]
-        if cuts:
-            cut = min(cuts, key=lambda e: abs(e - want))
-            return text[:cut].strip(), text[cut:].strip()
-    return None
+        if not cuts:
+            continue
+        cut = min(cuts, key=lambda e: abs(e - want))
+        if best is None or abs(cut - want) <= target_chars // 2:
+            best = cut  # the strongest boundary at all, unless a weaker one is near the wanted length
+        if abs(cut - want) <= target_chars // 2:
+            break
+    if best is None:
+        return None
+    return text[:best].strip(), text[best:].strip()
 
 
 def make_tasks(chunks: list[dict], cfg: Config) -> list[dict]:
@@ -151,8 +160,9 @@ def _question_list(obj) -> list:
 
 def _questions_in(obj, limit: int) -> list[str]:
     questions = []
-    for item in _question_list(obj):
-        q = next((item[k] for k in _QUESTION_KEYS if isinstance(item.get(k), str)), None) if isinstance(item, dict) else item
+    for q in _question_list(obj):
+        if isinstance(q, dict):
+            q = next((q[k] for k in _QUESTION_KEYS if isinstance(q.get(k), str)), None)
         if isinstance(q, str) and len(q.strip()) >= 4 and q.strip() not in questions:
             questions.append(q.strip())
     return questions[:limit]
