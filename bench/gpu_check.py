@@ -67,7 +67,7 @@ def run(config_path: str, steps: int, batch: int, seq: int, kd_k: int, checkpoin
 
     from shifu.config import config_from_dict
     from shifu.encode import Encoded
-    from shifu.train import DistillationTrainer, SFTDataset, collate, training_args
+    from shifu.train import DistillationTrainer, SFTDataset, collate, training_args, use_packing
 
     mcfg = AutoConfig.from_pretrained(config_path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -90,9 +90,10 @@ def run(config_path: str, steps: int, batch: int, seq: int, kd_k: int, checkpoin
     timer = StepTimer(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer = DistillationTrainer(model=model, args=training_args(cfg, False), train_dataset=SFTDataset(enc, targets),
-                                  distill=cfg.distill, data_collator=lambda items: collate(items, True, 0),
-                                  callbacks=[timer])
+    packing = use_packing(cfg, model)
+    trainer = DistillationTrainer(model=model, args=training_args(cfg, False, packing),
+                                  train_dataset=SFTDataset(enc, targets), distill=cfg.distill,
+                                  data_collator=lambda items: collate(items, packing, 0), callbacks=[timer])
     trainer.train()
     s = statistics.median(timer.times[2:] or timer.times)
     tokens = batch * seq
@@ -100,7 +101,7 @@ def run(config_path: str, steps: int, batch: int, seq: int, kd_k: int, checkpoin
     attn = 4 * layers * hidden * seq * tokens / 2 * 2  # causal QK^T and AV, forward + backward input grads
     flops = 4 * n_params * tokens + attn
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"s_per_step": round(s, 4), "tokens_per_s": round(tokens / s, 1), "peak_gib": round(peak, 2),
+    return {"packing": packing, "s_per_step": round(s, 4), "tokens_per_s": round(tokens / s, 1), "peak_gib": round(peak, 2),
             "mfu": round(flops / s / 1e12 / PEAK_TFLOPS[device], 4), "params": n_params}
 
 

@@ -85,7 +85,7 @@ def child_shifu(model: str, steps: int, kd_k: int) -> dict:
     from shifu.config import config_from_dict
     from shifu.encode import encode_examples
     from shifu.models import load_tokenizer
-    from shifu.train import DistillationTrainer, SFTDataset, collate, load_student, training_args
+    from shifu.train import DistillationTrainer, SFTDataset, collate, load_student, training_args, use_packing
 
     tmp = tempfile.mkdtemp()
     cfg = config_from_dict({"model_name": model, "work_dir": tmp, "batch_size": BATCH, "learning_rate": 1e-4,
@@ -105,9 +105,11 @@ def child_shifu(model: str, steps: int, kd_k: int) -> dict:
         targets = type("T", (), {"width": kd_k, "get": lambda self, i: rows.get(i)})()
     torch.manual_seed(0)
     timer = StepTimer()
-    trainer = DistillationTrainer(model=load_student(cfg), args=training_args(cfg, False),
+    model = load_student(cfg)
+    packing = use_packing(cfg, model)  # sdpa on CPU: padded rows grouped by length
+    trainer = DistillationTrainer(model=model, args=training_args(cfg, False, packing),
                                   train_dataset=SFTDataset(enc, targets), distill=cfg.distill,
-                                  data_collator=lambda items: collate(items, True, tok.pad_token_id),
+                                  data_collator=lambda items: collate(items, packing, tok.pad_token_id),
                                   callbacks=[timer])
     trainer.train()
     tokens = float(np.mean([len(x) for x in enc.input_ids])) * BATCH

@@ -103,3 +103,17 @@ def test_combine_mixes_only_where_the_teacher_is_known():
     ce, kd = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
     has = torch.tensor([True, False, True])
     assert torch.allclose(combine(ce, kd, has, 0.25), torch.tensor([0.75 + 2.5, 2.0, 2.25 + 7.5]))
+
+
+@pytest.mark.parametrize("variant", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_padded_rows_and_rows_without_teacher_stay_finite(variant, temperature):
+    """Training computes KD on every answer row and masks afterwards: no NaN may leak into gradients."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    inf = float("-inf")
+    ids = torch.tensor([[1, 2, -1], [3, -1, -1], [-1, -1, -1], [4, 5, 6]])
+    lps = torch.tensor([[-0.1, -2.5, inf], [-0.2, inf, inf], [inf, inf, inf], [-1.0, -1.5, -2.0]])
+    loss = distill_loss(logits, ids, lps, variant, temperature)
+    combine(torch.ones(4), loss, ids[:, 0] >= 0, 0.5).sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(logits.grad).all()
+    assert logits.grad[2].abs().sum() == 0  # the row without a teacher gets no distillation gradient

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from shifu.encode import encode_examples, template_parts
 from shifu.models import load_causal_lm, load_tokenizer
-from shifu.train import DistillationTrainer, SFTDataset, collate, load_student, training_args
+from shifu.train import DistillationTrainer, SFTDataset, collate, load_student, training_args, use_packing
 
 EXAMPLES = [
     {"instruction": "孔乙己是谁？", "input": "", "output": "孔乙己是一个穿长衫的读书人。"},
@@ -68,9 +68,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_student, tok):
 
 def _trainer(cfg, tmp_path, dataset):
     model = load_student(cfg)
-    args = training_args(cfg, has_eval=False)
+    packing = use_packing(cfg, model)
+    args = training_args(cfg, has_eval=False, packing=packing)
     return DistillationTrainer(model=model, args=args, train_dataset=dataset, distill=cfg.distill,
-                               data_collator=lambda items: collate(items, cfg.train.packing, 0))
+                               data_collator=lambda items: collate(items, packing, 0))
 
 
 def manual_answer_ce(model, enc):
@@ -135,7 +136,7 @@ def test_distillation_term_is_wired_and_scaled(make_config, tmp_path, tok, tiny_
             top = logp.topk(k)
             rows[i] = (top.indices.numpy().astype(np.int32), top.values.numpy())
     for ratio in (0.0, 1.0):
-        cfg = make_config(distill__kd_ratio=ratio)
+        cfg = make_config(distill__kd_ratio=ratio, train__packing=True)
         trainer = _trainer(cfg, tmp_path, SFTDataset(enc))
         batch = collate([SFTDataset(enc, FixedTargets(rows, k))[i] for i in range(3)], True, tok.pad_token_id)
         trainer.model.eval()

@@ -38,10 +38,13 @@ def _with_tail(logp_k: torch.Tensor, noise: float = 0.0) -> torch.Tensor:
 
 
 def bucket_log_probs(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
-                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (teacher, student) log-probs over the k + 1 buckets, both (N, k + 1)."""
+                     temperature: float = 1.0, student_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (teacher, student) log-probs over the k + 1 buckets, both (N, k + 1).
+
+    `student_logp`, the log-softmax of the logits at this temperature when the caller has it already
+    (training shares one with the cross-entropy), saves a second pass over the vocabulary."""
     valid = ids >= 0
-    s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_logp = student_logp if student_logp is not None else F.log_softmax(student_logits.float() / temperature, dim=-1)
     s_k = s_logp.gather(-1, ids.clamp(min=0)).masked_fill(~valid, float("-inf"))
     t_k = teacher_logprobs.float().masked_fill(~valid, float("-inf"))
     t = _with_tail(t_k, noise=1e-5)
@@ -89,11 +92,11 @@ DIVERGENCES = {"forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd,
                "skew_kl": skew_kl, "skew_reverse_kl": skew_reverse_kl}
 
 
-def distill_loss(student_logits: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+def distill_loss(student_logits: torch.Tensor | None, ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                  variant: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                 skew_alpha: float = 0.1) -> torch.Tensor:
+                 skew_alpha: float = 0.1, student_logp: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token distillation loss, (N,), scaled by T^2."""
-    t, s = bucket_log_probs(student_logits, ids, teacher_logprobs, temperature)
+    t, s = bucket_log_probs(student_logits, ids, teacher_logprobs, temperature, student_logp)
     return DIVERGENCES[variant](t, s, beta=beta, skew_alpha=skew_alpha) * temperature ** 2
 
 

@@ -36,13 +36,13 @@ TEMPLATES: dict[str, dict[str, TemplateConfig]] = {
     "zh": {
         "qa": TemplateConfig(
             category="问答", parse="json_qa",
-            instruction=("阅读下面的文本，提出{n}个能够根据这段文本回答的问题。要求：问题具体、互不重复；"
+            instruction=("阅读下面的文本，用中文提出{n}个能够根据这段文本回答的问题。要求：问题具体、互不重复；"
                          "每个问题不看原文也能读懂（写明人名、地名、事件等必要信息，不要说“文中”“这段文字”）。"
                          "只输出 JSON，格式为 {{\"questions\": [\"问题1\", \"问题2\"]}}。")),
         "qa_answer": TemplateConfig(
-            category="问答", instruction="请根据下面的文本回答问题。回答准确、完整，直接给出答案。\n问题：{question}"),
+            category="问答", instruction="请根据下面的文本，用中文回答问题。回答准确、完整，直接给出答案。\n问题：{question}"),
         "article": TemplateConfig(
-            category="文章生成", instruction="请用与下面这段文字相同的文风续写，直接输出续写的内容，不要重复原文。"),
+            category="文章生成", instruction="请用与下面这段文字相同的文风，用中文续写。直接输出续写的新内容，不要重复或改写原文。"),
     },
     "en": {
         "qa": TemplateConfig(

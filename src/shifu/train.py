@@ -47,6 +47,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, enc: Encoded, targets=None):
         self.enc, self.targets = enc, targets
+        self.lengths = [len(x) for x in enc.input_ids]  # for length-grouped batches, without loading items
 
     def __len__(self) -> int:
         return len(self.enc)
@@ -104,6 +105,16 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # makes the Trainer count answer tokens per optimizer step
         self._parts = torch.zeros(4, dtype=torch.float64)  # ce sum, kd sum, tokens, tokens with teacher
 
+    def _get_train_sampler(self, train_dataset=None):
+        ds = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            # group by the global batch, so N processes see the same examples per step as one
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return LengthGroupedSampler(size, lengths=ds.lengths)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         kd_ids, kd_lps = inputs.pop("kd_ids", None), inputs.pop("kd_lps", None)
@@ -112,15 +123,17 @@ class DistillationTrainer(Trainer):
         outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
         logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         targets = labels[:, 1:][keep[:, :-1]]
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        logp = F.log_softmax(logits.float(), dim=-1)  # one pass over the vocabulary for CE and KD alike
+        ce = -logp.gather(1, targets[:, None]).squeeze(1)
         per_token, kd_sum, n_kd = ce, ce.new_zeros(()), 0
         if kd_ids is not None and self.distill.kd_ratio > 0:
             ids, lps = kd_ids[:, 1:][keep[:, :-1]], kd_lps[:, 1:][keep[:, :-1]]
             has = (ids >= 0).any(-1)
             if has.any():
                 d = self.distill
-                kd = torch.zeros_like(ce)
-                kd[has] = distill_loss(logits[has], ids[has], lps[has], d.variant, d.temperature, d.beta, d.skew_alpha)
+                # rows without a teacher give finite values that combine() discards: no N x V copies
+                s_logp = logp if d.temperature == 1.0 else F.log_softmax(logits.float() / d.temperature, dim=-1)
+                kd = distill_loss(None, ids, lps, d.variant, d.temperature, d.beta, d.skew_alpha, student_logp=s_logp)
                 per_token = combine(ce, kd, has, d.kd_ratio)
                 kd_sum, n_kd = kd[has].sum(), int(has.sum())
         total = per_token.sum()
@@ -177,8 +190,19 @@ def load_student(cfg: Config):
     return get_peft_model(model, lora)
 
 
-def training_args(cfg: Config, has_eval: bool) -> TrainingArguments:
+def use_packing(cfg: Config, model) -> bool:
+    """Packing saves padding only where the attention kernel skips the blocks between examples
+    (flash-attention's variable-length path). With sdpa or eager attention a packed row of n
+    examples costs n times the attention of padded rows, so those get length-grouped padding."""
+    if cfg.train.packing != "auto":
+        return bool(cfg.train.packing)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "") or ""
+    return impl.startswith("flash_attention")
+
+
+def training_args(cfg: Config, has_eval: bool, packing: bool | None = None) -> TrainingArguments:
     t = cfg.train
+    packing = t.packing is True if packing is None else packing
     eval_strategy = ("steps" if t.eval_steps else "epoch") if has_eval else "no"
     return TrainingArguments(
         output_dir=str(cfg.work / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
@@ -191,9 +215,9 @@ def training_args(cfg: Config, has_eval: bool) -> TrainingArguments:
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], prediction_loss_only=True,
-        train_sampling_strategy="random" if t.packing else "group_by_length",
+        train_sampling_strategy="random" if packing else "group_by_length",
         average_tokens_across_devices=True, dataloader_num_workers=0,
-        include_num_input_tokens_seen="all" if t.packing else "non_padding",
+        include_num_input_tokens_seen="all" if packing else "non_padding",
         disable_tqdm=not os.isatty(2), use_cpu=not torch.cuda.is_available(), **precision(cfg))
 
 
@@ -245,10 +269,11 @@ def run_train(cfg: Config) -> dict:
     fingerprint = hash_obj([cfg.model_dump(exclude={"eval", "teacher"}), str(Path(cfg.jsonl_output_path).stat().st_mtime_ns)])
     resume = _checkpoint_to_resume(cfg, fingerprint)
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(cfg.work / "tensorboard"))
+    packing = use_packing(cfg, model)
     trainer = DistillationTrainer(
-        model=model, args=training_args(cfg, enc_eval is not None), train_dataset=SFTDataset(enc_train, targets),
+        model=model, args=training_args(cfg, enc_eval is not None, packing), train_dataset=SFTDataset(enc_train, targets),
         eval_dataset=SFTDataset(enc_eval) if enc_eval is not None else None, distill=cfg.distill,
-        data_collator=lambda items: collate(items, cfg.train.packing, tok.pad_token_id))
+        data_collator=lambda items: collate(items, packing, tok.pad_token_id))
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.time()
@@ -257,7 +282,7 @@ def run_train(cfg: Config) -> dict:
     tokens = trainer.state.num_input_tokens_seen  # packed batches hold no padding: these are real tokens
     summary = {"train_examples": len(train), "eval_examples": len(held), "steps": result.global_step,
                "train_loss": round(result.training_loss, 4), "seconds": round(seconds, 1),
-               "truncated_examples": enc_train.truncated, "resumed_from": resume, **kd_info,
+               "truncated_examples": enc_train.truncated, "resumed_from": resume, "packing": packing, **kd_info,
                "tokens_per_second": round(tokens / seconds, 1) if tokens and not resume else None}
     if trainer.is_world_process_zero():
         with atomic_dir(cfg.output_dir) as tmp:
