@@ -70,7 +70,7 @@ def _variation(paragraphs: list[list[str]], pool: list[str], sep: str, rng: rand
 def make_synthetic(corpus: list[Path], folder: Path, total_mb: float, files: int = 10) -> None:
     texts = [[_sentences(p) for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()] for path in corpus]
     pools = [[s for para in text for s in para] for text in texts]
-    from shifu.chunk import language
+    from shifu.dedup import language
 
     seps = ["" if language("".join(pool[:200])) == "zh" else " " for pool in pools]
     rng = random.Random(20261129)
@@ -128,7 +128,8 @@ def child(spec: dict) -> dict:
     size = TOKENS if tok else SIZE
     from semantic_text_splitter import TextSplitter
 
-    from shifu.chunk import Deduper, run_chunk
+    from shifu.chunk import run_chunk
+    from shifu.dedup import Deduper
 
     tree = {"raw_data_path": spec["path"], "chunk_size": size, "work_dir": spec["work"],
             "model_name": spec.get("tokenizer") or "unused", "data": {"chunk_unit": spec["unit"]}}

@@ -57,3 +57,12 @@ def test_local_teacher_with_another_tokenizer_is_refused(make_config, fake_serve
 
     with pytest.raises(UserError, match="different tokenizer"):
         run_stage("train", cfg)
+
+
+def test_distillation_with_gradient_checkpointing_and_packing(make_config, fake_server, tiny_student):
+    server = fake_server(tokenizer=str(tiny_student))
+    for packing in (True, False):
+        cfg = make_config(server.url, teacher__top_logprobs=4, train__max_steps=2, gradient_checkpointing=True,
+                          train__packing=packing, distill__variant="jsd", distill__temperature=2.0)
+        res = run_all(cfg, until="train")
+        assert res["train"]["packing"] is packing and np.isfinite(res["train"]["train_loss"])

@@ -23,7 +23,7 @@ import hashlib
 from collections import Counter
 from typing import Callable
 
-from shifu.chunk import Deduper, language
+from shifu.dedup import Deduper, language
 from shifu.config import Config
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
