@@ -33,8 +33,8 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 RUNS = ROOT / "runs" / "bench-kd"
 
 PAIRS = {
-    "same": {"student": "qwen0.5b", "text": ("luxun_fiction.txt", 2600, 6000), "chunk_size": 300},
-    "cross": {"student": "smollm2-135m", "text": ("english.txt", 1500, 7500), "chunk_size": 700},
+    "same": {"student": "qwen0.5b", "text": ("luxun_fiction.txt", 2600, 5400), "chunk_size": 300},
+    "cross": {"student": "smollm2-135m", "text": ("english.txt", 1500, 6500), "chunk_size": 700},
 }
 
 

@@ -144,8 +144,8 @@ def test_each_fault_class_ends_with_every_record_stored(fake_server, make_config
 
 
 def test_a_random_mix_of_every_fault_at_a_high_rate(fake_server, make_config):
-    server = fake_server(fault_rate=0.5, seed=7, timeout_sleep=2)
-    cfg = small(make_config, server.url, teacher__timeout_s=0.3, teacher__max_attempts=40)
+    server = fake_server(fault_rate=0.5, seed=7, timeout_sleep=3)
+    cfg = small(make_config, server.url, teacher__timeout_s=1.0, teacher__max_attempts=40)
     prepare(cfg)
     stats = run_stage("teach", cfg)
     answered = set(server.answered_by_key)
