@@ -71,3 +71,29 @@ def test_shipped_configs_load():
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_readme_configuration_table_is_current():
+    """The README's table is generated (python scripts/config_table.py --write); a stale one fails here."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import config_table
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert config_table.table() in readme, "run: python scripts/config_table.py --write"
+
+
+def test_accelerate_configs_parse_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import ROOT
+
+    paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        cfg = load_config_from_file(str(path))
+        assert cfg.distributed_type in ("MULTI_GPU", "FSDP", "DEEPSPEED") or str(cfg.distributed_type).split(".")[-1] in (
+            "MULTI_GPU", "FSDP", "DEEPSPEED")
