@@ -211,3 +211,15 @@ def test_eval_chunks_are_deterministic_and_never_empty_or_everything():
     assert held != eval_chunks(ids, 0.2, seed=2)
     assert len(eval_chunks([3, 4], 0.01, seed=1)) == 1 and len(eval_chunks([3, 4], 0.99, seed=1)) == 1
     assert eval_chunks([3], 0.5, seed=1) == set() and eval_chunks(ids, 0.0, seed=1) == set()
+
+
+def test_truncated_continuations_are_trimmed_only_when_asked(make_config):
+    from shifu.dataset import trimmed
+
+    cut = "他又说了一句话。然后走出门去，外面下着雨。雨越下越大，他"
+    assert trimmed(cut, ["truncated"], "文章生成", make_config()) == (cut, ["truncated"])
+    cfg = make_config(tasks__trim_truncated=True)
+    assert trimmed(cut, ["truncated"], "文章生成", cfg) == ("他又说了一句话。然后走出门去，外面下着雨。", [])
+    assert trimmed(cut, ["truncated"], "问答", cfg) == (cut, ["truncated"])  # answers are never trimmed
+    assert trimmed(cut, ["truncated", "refusal"], "文章生成", cfg)[1] == ["truncated", "refusal"]
+    assert trimmed("没有句号的一长串文字" * 3, ["truncated"], "文章生成", cfg)[1] == ["truncated"]

@@ -51,6 +51,7 @@ class TasksConfig(Section):
     continuation_chars: int = Field(200, ge=10, description="Length of the source text used as target for continuations made without the teacher.")
     seed: int = Field(42, description="Seed for the teacher/text split; the same seed gives the same tasks.")
     custom: dict[str, TemplateConfig] = Field(default_factory=dict, description="Extra task kinds by name: a template plus how its output is parsed.")
+    trim_truncated: bool = Field(False, description="Keep continuations (文章生成) cut off at teacher.max_tokens, trimmed to their last full sentence; cut-off answers to questions are always rejected.")
     min_answer_chars: int = Field(4, ge=0, description="Teacher answers shorter than this are rejected.")
     max_copy_ratio: float = Field(0.9, gt=0, le=1, description="An answer whose longest run copied from the chunk covers more than this share is rejected.")
     near_dup_threshold: float = Field(0.9, gt=0, le=1, description="Answers more similar than this to an earlier answer are rejected as near-duplicates.")

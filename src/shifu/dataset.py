@@ -24,6 +24,7 @@ from collections import Counter
 from typing import Callable
 
 from shifu.dedup import Deduper, language
+from shifu.chunk import SENTENCE_END
 from shifu.config import Config
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
@@ -52,6 +53,16 @@ def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: De
     if dedup.is_duplicate(text):
         return "near_duplicate"
     return None
+
+
+def trimmed(output: str, flags: list[str], category: str, cfg: Config) -> tuple[str, list[str]]:
+    """A continuation cut off at max_tokens, cut back to its last full sentence when the config asks."""
+    if not (cfg.tasks.trim_truncated and category == "文章生成" and flags == ["truncated"]):
+        return output, flags
+    ends = [m.end() for m in SENTENCE_END.finditer(output)]
+    if not ends or ends[-1] < len(output) // 3:
+        return output, flags
+    return output[:ends[-1]], []
 
 
 def _stored_proposal(task: dict, cfg: Config, get: Callable) -> str:
@@ -104,15 +115,17 @@ def build_examples(tasks: list[dict], chunks: dict[int, dict], cfg: Config, get:
             if stored is None:
                 counts[f"unanswered:{status or 'no stored answer'}"] += 1
                 continue
+            output, flags = trimmed(stored["content"], stored["flags"], task["category"], cfg)
             if key not in verdicts:
-                verdicts[key] = rejection(stored["content"], stored["flags"], chunk, cfg, dedup,
-                                          task["lang"], task["category"])
+                verdicts[key] = rejection(output, flags, chunk, cfg, dedup, task["lang"], task["category"])
+                if flags != stored["flags"] and verdicts[key] is None:
+                    counts["trimmed_continuations"] += 1
                 if verdicts[key]:
                     counts[f"rejected:{verdicts[key]}"] += 1
                     rejected.append({**ex, "output": stored["content"], **base, "kind": task["kind"],
                                      "reason": verdicts[key]})
             if verdicts[key] is None:
-                examples.append({**ex, "output": stored["content"].strip(), **base, "kind": task["kind"], "key": key})
+                examples.append({**ex, "output": output.strip(), **base, "kind": task["kind"], "key": key})
     return examples, rejected, counts
 
 
