@@ -15,6 +15,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ZH = ROOT / "data" / "sample_zh.txt"
 SAMPLE_EN = ROOT / "data" / "sample_en.txt"
+# Texts the read, chunk and dedup tests share: the bundled samples, traditional Chinese, and mixed zh/en.
+ZH = SAMPLE_ZH.read_text(encoding="utf-8")
+EN = SAMPLE_EN.read_text(encoding="utf-8")
+TRAD = ("魯鎮的酒店的格局，是和別處不同的：都是當街一個曲尺形的大櫃檯，櫃裡面預備著熱水，可以隨時溫酒。"
+        "做工的人，傍午傍晚散了工，每每花四文銅錢，買一碗酒，——這是二十多年前的事，現在每碗要漲到十文，——靠櫃外站著，熱熱的喝了休息。"
+        "孔乙己是站著喝酒而穿長衫的唯一的人。他身材很高大；青白臉色，皺紋間時常夾些傷痕；一部亂蓬蓬的花白的鬍子。"
+        "他對人說話，總是滿口之乎者也，教人半懂不懂的。「讀書人的事，能算偷麼？」接連便是難懂的話，什麼「君子固窮」，什麼「者乎」之類。\n\n") * 6
+MIXED = "".join(
+    f"第{i}次实验里，我们用 PyTorch 2.{i} 训练了一个 0.5B 的 student model。The loss went down to 1.{i} after "
+    f"{i * 10} steps, which is good! 但是 eval 的 perplexity 还是很高，原因不明？“需要更多数据。”他说。\n"
+    for i in range(40))
 CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a "
           "helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
