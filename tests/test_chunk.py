@@ -247,3 +247,12 @@ def test_a_tokenizer_that_truncates_or_pads_still_counts_every_token(tokenizer, 
 def test_an_overlap_as_big_as_the_chunk_is_refused():
     with pytest.raises(ValueError, match="overlap"):
         split_text(ZH, 100, overlap=100)
+
+
+def test_max_chunks_stops_reading_early(make_config):
+    from conftest import SAMPLE_ZH
+
+    cfg = make_config(raw=SAMPLE_ZH, data__max_chunks=2)
+    stats = run_chunk(cfg)
+    lines = (cfg.work / "chunks.jsonl").read_text(encoding="utf-8").splitlines()
+    assert stats["chunks"] == len(lines) == 2

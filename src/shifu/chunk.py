@@ -366,6 +366,8 @@ def run_chunk(cfg: Config, dedup: Deduper | None = None) -> dict:
             f.write(_line(rec))
             count += 1
             chars += len(rec["text"])
+            if count == cfg.data.max_chunks:
+                break  # the reader is lazy: nothing past this chunk is read
         if count == 0:
             raise UserError(f"raw_data_path {cfg.raw_data_path!r}: no text found (empty file, or every chunk "
                             f"shorter than data.min_chunk_chars={cfg.data.min_chunk_chars})")

@@ -32,6 +32,7 @@ class DataConfig(Section):
     chunk_unit: Literal["chars", "tokens"] = Field("chars", description="Unit of chunk_size: characters or student tokens.")
     chunk_overlap: int = Field(0, ge=0, description="Units of trailing context repeated at the start of the next chunk.")
     min_chunk_chars: int = Field(20, ge=1, description="Chunks shorter than this many characters are dropped.")
+    max_chunks: int | None = Field(None, ge=1, description="Stop reading after this many chunks: a cheap trial run (with `shifu estimate`) before the whole corpus.")
     dedup_threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard similarity above which a chunk counts as a near-duplicate; 1 keeps only exact-duplicate removal.")
 
 
