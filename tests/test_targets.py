@@ -9,11 +9,14 @@ from shifu.pipeline import run_all
 def test_cross_tokenizer_api_logprobs_align_partially_and_train(make_config, fake_server, other_tokenizer_model,
                                                                  tiny_student, tmp_path):
     # the teacher server tokenizes with a character-level vocabulary; the student is byte-level BPE
+    from conftest import SAMPLE_EN
+
     server = fake_server(tokenizer=str(other_tokenizer_model))
-    cfg = make_config(server.url, teacher__top_logprobs=4, train__max_steps=3, distill__kd_ratio=0.5)
+    # English: both vocabularies hold many of the same whole words, so a good share aligns
+    cfg = make_config(server.url, raw=SAMPLE_EN, teacher__top_logprobs=4, train__max_steps=3, distill__kd_ratio=0.5)
     res = run_all(cfg, until="train")
     cov = res["train"]["kd_coverage"]
-    assert res["train"]["kd_source"] == "api" and 0.05 < cov < 1.0, cov
+    assert res["train"]["kd_source"] == "api" and 0.1 < cov < 1.0, cov
     assert np.isfinite(res["train"]["train_loss"])
 
 
