@@ -132,6 +132,8 @@ def test_price_of_counts_cache_hits_misses_output_and_peak_hours():
     assert price_of(usage, price, True, when=off_peak) == pytest.approx((400 * 0.1 + 600 * 1.0 + 500 * 2.0) / 1e6)
     assert price_of(usage, price, True, when=peak) == pytest.approx((400 * 0.1 + 600 * 1.0 + 500 * 4.0) / 1e6)
     assert price_of(usage, price, False, when=peak) == price_of(usage, price, True, when=off_peak)
+    saturday = calendar.timegm((2026, 1, 10, 2, 0, 0))  # DeepSeek has no peak hours at weekends
+    assert price_of(usage, price, True, when=saturday) == price_of(usage, price, True, when=off_peak)
     # A server without cache fields: every prompt token is a miss.
     assert price_of({"prompt_tokens": 1000, "completion_tokens": 0}, price, False) == pytest.approx(1000 / 1e6)
     assert price_of(usage, None, True) is None

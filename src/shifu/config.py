@@ -98,7 +98,7 @@ class TeacherConfig(Section):
     backoff_max_s: float = Field(60.0, ge=0, description="Longest retry delay, Retry-After included.")
     max_cost: float | None = Field(None, gt=0, description="Stop scheduling requests before the spend would exceed this (price-table currency).")
     prices: dict[str, Price] = Field(default_factory=_default_prices, description="Price per model name, per million tokens.")
-    peak_pricing: bool = Field(True, description="Use peak rates during 01:00-04:00 and 06:00-10:00 UTC where a peak price is given.")
+    peak_pricing: bool = Field(True, description="Use peak rates on weekdays 01:00-04:00 and 06:00-10:00 UTC where a peak price is given.")
     local_batch_size: int = Field(4, ge=1, description="Prompts generated together by the local teacher.")
     trust_remote_code: bool = Field(False, description="Let the local teacher run code shipped with its weights.")
 

@@ -146,12 +146,17 @@ def answer_flags(content: str, finish_reason: str, refusal: Any = None) -> list[
     return flags
 
 
+def is_peak(when: float) -> bool:
+    """DeepSeek's peak hours: Beijing 9-12 and 14-18 (01-04, 06-10 UTC), Monday to Friday."""
+    beijing = time.gmtime(when + 8 * 3600)
+    return beijing.tm_wday < 5 and (9 <= beijing.tm_hour < 12 or 14 <= beijing.tm_hour < 18)
+
+
 def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float | None = None) -> float | None:
     """Cost of one answer from its usage; DeepSeek reports cache hits and misses separately."""
     if price is None:
         return None
-    hour = time.gmtime(when if when is not None else time.time()).tm_hour
-    peak = peak_pricing and (1 <= hour < 4 or 6 <= hour < 10)
+    peak = peak_pricing and is_peak(when if when is not None else time.time())
     pick = lambda off, on: on if (peak and on is not None) else off  # noqa: E731
     prompt = usage.get("prompt_tokens", 0) or 0
     hit = usage.get("prompt_cache_hit_tokens", 0) or 0
