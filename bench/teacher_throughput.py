@@ -34,6 +34,9 @@ from common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENCY = 0.2
+# The server stands in for a remote API: with two cores or more, it gets its own core and the client
+# (one asyncio loop, so one core at most) another, so neither steals the other's time.
+CORES = ({0}, set(range(1, os.cpu_count()))) if (os.cpu_count() or 1) >= 2 else None
 PROMPT = "请根据下面的文本回答问题。回答准确、完整，直接给出答案。\n问题：第{i}个问题是什么？\n\n" + "天是蓝色的，因为空气散射阳光中的蓝光。" * 8
 
 
@@ -53,6 +56,8 @@ class Server:
         cmd = [sys.executable, "-m", "shifu.fake_openai", "--port", str(self.port), "--latency", str(LATENCY),
                "--fault-rate", str(fault_rate), "--seed", "1", "--lifetime", "900"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if CORES:
+            os.sched_setaffinity(self.proc.pid, CORES[1])
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -125,10 +130,13 @@ async def _run_shifu(cfg, n: int, tag: str, offline: bool = False):
     return stats, stored, wall, cpu
 
 
-def run_shifu(server: "Server", concurrency: int, n: int, tag: str) -> dict:
+def run_shifu(server: "Server", concurrency: int, n: int, tag: str, stdlib_loop: bool = False) -> dict:
+    from shifu.teach import run_async
+
     s0 = server.cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
-        stats, stored, wall, cpu = asyncio.run(_run_shifu(config(server.url, concurrency, Path(tmp)), n, tag))
+        coro = _run_shifu(config(server.url, concurrency, Path(tmp)), n, tag)
+        stats, stored, wall, cpu = asyncio.run(coro) if stdlib_loop else run_async(coro)
     return {"n": n, "wall": wall, "rps": stats.done / wall, "cpu_per_1000": 1000 * cpu / n, "stored": stored,
             "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n,
             "retried": stats.retried, "failed": stats.failed, "flagged": sum(stats.flags.values())}
@@ -137,8 +145,10 @@ def run_shifu(server: "Server", concurrency: int, n: int, tag: str) -> dict:
 def run_runner_only(concurrency: int, n: int) -> float:
     """The Runner's own CPU seconds per 1000 requests, HTTP left out."""
     with tempfile.TemporaryDirectory() as tmp:
+        from shifu.teach import run_async
+
         cfg = config("http://127.0.0.1:9/v1", concurrency, Path(tmp))
-        stats, _, _, cpu = asyncio.run(_run_shifu(cfg, n, "offline", offline=True))
+        stats, _, _, cpu = run_async(_run_shifu(cfg, n, "offline", offline=True))
     assert stats.done == n
     return 1000 * cpu / n
 
@@ -167,7 +177,9 @@ async def _bare(url: str, concurrency: int, n: int, tag: str) -> tuple[int, floa
 
 def run_bare(server: "Server", concurrency: int, n: int, tag: str) -> dict:
     s0 = server.cpu_seconds()
-    done, wall, cpu = asyncio.run(_bare(server.url, concurrency, n, tag))
+    from shifu.teach import run_async
+
+    done, wall, cpu = run_async(_bare(server.url, concurrency, n, tag))
     return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n,
             "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n}
 
@@ -196,18 +208,21 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
-def render(rows: list[tuple], bare: list[tuple], seq: dict, fault: dict, own: float, host: str, command: str,
-           seconds: float) -> str:
+def render(rows: list[tuple], std: tuple, bare: list[tuple], seq: dict, fault: dict, own: float, host: str,
+           command: str, seconds: float) -> str:
     lines = [
         "## Teacher client throughput (`bench/teacher_throughput.py`)", "",
         f"Fake OpenAI-compatible server in its own process on 127.0.0.1, answering every request after "
         f"{LATENCY * 1000:.0f} ms. Completed requests per second, median of the runs; the ideal is "
-        f"concurrency / latency. CPU is this (client) process's alone.", "",
+        f"concurrency / latency. CPU is this (client) process's alone. "
+        f"{'The client runs on core 0, the server on the others. ' if CORES else ''}"
+        f"shifu runs its event loop on uvloop where installed (a dependency on Linux and macOS); one row "
+        f"shows the Runner on the standard library's asyncio loop.", "",
         "| client | concurrency | requests per run | completed/s (min–max) | ideal/s | share of ideal | "
         "vs sequential | client CPU s per 1000 requests | server CPU s per 1000 | client loop busy at the ideal rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, c, r, runs in [("shifu Runner", *row) for row in rows] + [
+    for name, c, r, runs in [("shifu Runner", *row) for row in rows] + [("shifu Runner, stdlib asyncio loop", *std)] + [
             ("bare aiohttp loop (no store, retries or checks)", *row) for row in bare]:
         spread = f" ({min(x['rps'] for x in runs):.0f}–{max(x['rps'] for x in runs):.0f})" if len(runs) > 1 else ""
         ideal = c / LATENCY
@@ -246,7 +261,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args()
     command = "python bench/teacher_throughput.py" + "".join(f" {x}" for x in sys.argv[1:])
-    t_start, host = time.perf_counter(), machine("aiohttp", "requests")
+    t_start, host = time.perf_counter(), machine("aiohttp", "uvloop", "requests")
+    if CORES:
+        os.sched_setaffinity(0, CORES[0])
 
     server = Server()
     try:
@@ -257,6 +274,9 @@ def main() -> None:
             runs = [run_shifu(server, c, n, f"c{c}r{rep}") for rep in range(a.reps)]
             rows.append((c, median_run(runs), runs))
             print(f"concurrency {c}: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
+        runs = [run_shifu(server, 256, 256 * (a.waves or 16), f"std{rep}", stdlib_loop=True) for rep in range(a.reps)]
+        std = (256, median_run(runs), runs)
+        print("stdlib loop 256: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
         bare = []
         for c, waves in ((64, 32), (256, 16)):
             runs = [run_bare(server, c, c * (a.waves or waves), f"bare{c}r{rep}") for rep in range(a.reps)]
@@ -276,7 +296,7 @@ def main() -> None:
 
     host += f"; load average {os.getloadavg()[0]:.2f} at the end"
     own = run_runner_only(256, 4096)
-    text = render(rows, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
+    text = render(rows, std, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
     write_section("teacher_throughput", text, Path(a.out))
     print(text)
 

@@ -195,8 +195,8 @@ def test_requests_per_minute_throttles(fake_server, make_config):
     assert n == 10
     # The bucket starts with one second's worth (5); the other 5 come at 5 a second.
     assert _span(server) >= 0.9 * (n - 5) / 5
-    for i, (t, _) in enumerate(server.arrivals):
-        assert t - server.arrivals[0][0] >= (i + 1 - 5) / 5 - 0.05
+    for i, (t, _) in enumerate(server.arrivals):  # slack for a busy machine; unthrottled, all 10 come in ~0.1 s
+        assert t - server.arrivals[0][0] >= (i + 1 - 5) / 5 - 0.15
 
 
 def test_tokens_per_minute_throttles(fake_server, make_config):
