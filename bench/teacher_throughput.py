@@ -131,7 +131,7 @@ async def _run_shifu(cfg, n: int, tag: str, offline: bool = False):
 
 
 def run_shifu(server: "Server", concurrency: int, n: int, tag: str, stdlib_loop: bool = False) -> dict:
-    from shifu.teach import run_async
+    from shifu.teacher import run_async
 
     s0 = server.cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +145,7 @@ def run_shifu(server: "Server", concurrency: int, n: int, tag: str, stdlib_loop:
 def run_runner_only(concurrency: int, n: int) -> float:
     """The Runner's own CPU seconds per 1000 requests, HTTP left out."""
     with tempfile.TemporaryDirectory() as tmp:
-        from shifu.teach import run_async
+        from shifu.teacher import run_async
 
         cfg = config("http://127.0.0.1:9/v1", concurrency, Path(tmp))
         stats, _, _, cpu = run_async(_run_shifu(cfg, n, "offline", offline=True))
@@ -177,7 +177,7 @@ async def _bare(url: str, concurrency: int, n: int, tag: str) -> tuple[int, floa
 
 def run_bare(server: "Server", concurrency: int, n: int, tag: str) -> dict:
     s0 = server.cpu_seconds()
-    from shifu.teach import run_async
+    from shifu.teacher import run_async
 
     done, wall, cpu = run_async(_bare(server.url, concurrency, n, tag))
     return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n,
