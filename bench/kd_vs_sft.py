@@ -20,6 +20,8 @@ Writes its section of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import sys
@@ -102,10 +104,12 @@ def run_pair(pair: str, base_url: str, steps: int) -> dict:
 
 def table(pair: str, r: dict) -> list[str]:
     spec = PAIRS[pair]
+    when = f"{r['teacher_s']} s" if r["teacher_s"] else "answered by an earlier run, read from the store"
     lines = [f"### {pair} tokenizer: teacher Qwen2.5-Coder-1.5B (llama.cpp, top-20) -> student {spec['student']}", "",
              f"{r['train_examples']} training and {r['eval_examples']} held-out examples from {r['requests']} teacher "
-             f"requests ({r['teacher_s']} s); teacher distribution on {100 * (r.get('eval_coverage') or 0):.1f}% of "
-             "held-out answer tokens.", "",
+             f"requests ({when}); {r['base']['tokens']} held-out answer tokens, "
+             f"{r['base'].get('teacher_tokens', 0)} of them ({100 * (r.get('eval_coverage') or 0):.1f}%) with a "
+             "teacher distribution (the tokens that (i) and (iii) count).", "",
              "| student | KL(teacher ‖ student), top-20 + tail | NLL of teacher answers | top-1 agreement | train time |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, label in (("base", "base (no training)"), ("sft", "fine-tuning only (kd_ratio 0)"),
@@ -124,15 +128,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="same,cross")
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--render-only", action="store_true", help="rewrite the section from runs/bench-kd/results.json")
     a = p.parse_args()
     setup_logging()
-    results = {}
-    with llama_cpp_server(CACHE / "gguf" / "qwen1.5b.gguf", "qwen2.5-coder-1.5b-instruct", RUNS / "server.log") as url:
-        for pair in a.pairs.split(","):
+    results = json.loads((RUNS / "results.json").read_text()) if a.render_only else {}
+    server = llama_cpp_server(CACHE / "gguf" / "qwen1.5b.gguf", "qwen2.5-coder-1.5b-instruct", RUNS / "server.log")
+    with contextlib.nullcontext() if a.render_only else server as url:
+        for pair in [] if a.render_only else a.pairs.split(","):
             results[pair] = run_pair(pair, url, a.steps)
             print(pair, results[pair], flush=True)
+            (RUNS / "results.json").write_text(json.dumps(results, indent=1))
+    args = [x for x in sys.argv[1:] if x != "--render-only"]
     lines = ["## Distillation vs fine-tuning alone (issue 5)", "",
-             f"Command: `.venv/bin/python bench/kd_vs_sft.py {' '.join(sys.argv[1:])}`".rstrip() + "  ",
+             f"Command: `{' '.join(['.venv/bin/python bench/kd_vs_sft.py', *args])}`  ",
              f"Machine: {machine('torch', 'transformers', 'peft', 'llama-cpp-python')}  ",
              f"Same examples, {a.steps} optimizer steps, batch 4, lr 2e-4, LoRA r=8 all-linear, seed 7, for both "
              "students; metrics on held-out chunks' teacher answers, teacher-forced.", ""]
