@@ -131,7 +131,8 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true", help="rewrite the section from runs/bench-kd/results.json")
     a = p.parse_args()
     setup_logging()
-    results = json.loads((RUNS / "results.json").read_text()) if a.render_only else {}
+    results = json.loads((RUNS / "results.json").read_text()) if a.render_only else {
+        "machine": machine("torch", "transformers", "peft", "llama-cpp-python")}
     server = llama_cpp_server(CACHE / "gguf" / "qwen1.5b.gguf", "qwen2.5-coder-1.5b-instruct", RUNS / "server.log")
     with contextlib.nullcontext() if a.render_only else server as url:
         for pair in [] if a.render_only else a.pairs.split(","):
@@ -141,11 +142,12 @@ def main() -> None:
     args = [x for x in sys.argv[1:] if x != "--render-only"]
     lines = ["## Distillation vs fine-tuning alone (issue 5)", "",
              f"Command: `{' '.join(['.venv/bin/python bench/kd_vs_sft.py', *args])}`  ",
-             f"Machine: {machine('torch', 'transformers', 'peft', 'llama-cpp-python')}  ",
+             f"Machine: {results.get('machine') or machine('torch', 'transformers', 'peft', 'llama-cpp-python')}  ",
              f"Same examples, {a.steps} optimizer steps, batch 4, lr 2e-4, LoRA r=8 all-linear, seed 7, for both "
              "students; metrics on held-out chunks' teacher answers, teacher-forced.", ""]
     for pair, r in results.items():
-        lines += table(pair, r)
+        if pair != "machine":
+            lines += table(pair, r)
     write_section("kd_vs_sft", "\n".join(lines))
     print("\n".join(lines))
 
