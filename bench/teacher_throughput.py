@@ -130,13 +130,10 @@ async def _run_shifu(cfg, n: int, tag: str, offline: bool = False):
     return stats, stored, wall, cpu
 
 
-def run_shifu(server: "Server", concurrency: int, n: int, tag: str, stdlib_loop: bool = False) -> dict:
-    from shifu.teacher import run_async
-
+def run_shifu(server: "Server", concurrency: int, n: int, tag: str) -> dict:
     s0 = server.cpu_seconds()
     with tempfile.TemporaryDirectory() as tmp:
-        coro = _run_shifu(config(server.url, concurrency, Path(tmp)), n, tag)
-        stats, stored, wall, cpu = asyncio.run(coro) if stdlib_loop else run_async(coro)
+        stats, stored, wall, cpu = asyncio.run(_run_shifu(config(server.url, concurrency, Path(tmp)), n, tag))
     return {"n": n, "wall": wall, "rps": stats.done / wall, "cpu_per_1000": 1000 * cpu / n, "stored": stored,
             "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n,
             "retried": stats.retried, "failed": stats.failed, "flagged": sum(stats.flags.values())}
@@ -145,10 +142,8 @@ def run_shifu(server: "Server", concurrency: int, n: int, tag: str, stdlib_loop:
 def run_runner_only(concurrency: int, n: int) -> float:
     """The Runner's own CPU seconds per 1000 requests, HTTP left out."""
     with tempfile.TemporaryDirectory() as tmp:
-        from shifu.teacher import run_async
-
         cfg = config("http://127.0.0.1:9/v1", concurrency, Path(tmp))
-        stats, _, _, cpu = run_async(_run_shifu(cfg, n, "offline", offline=True))
+        stats, _, _, cpu = asyncio.run(_run_shifu(cfg, n, "offline", offline=True))
     assert stats.done == n
     return 1000 * cpu / n
 
@@ -177,9 +172,7 @@ async def _bare(url: str, concurrency: int, n: int, tag: str) -> tuple[int, floa
 
 def run_bare(server: "Server", concurrency: int, n: int, tag: str) -> dict:
     s0 = server.cpu_seconds()
-    from shifu.teacher import run_async
-
-    done, wall, cpu = run_async(_bare(server.url, concurrency, n, tag))
+    done, wall, cpu = asyncio.run(_bare(server.url, concurrency, n, tag))
     return {"n": n, "wall": wall, "rps": done / wall, "cpu_per_1000": 1000 * cpu / n,
             "server_cpu_per_1000": 1000 * (server.cpu_seconds() - s0) / n}
 
@@ -208,21 +201,20 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
-def render(rows: list[tuple], std: tuple, bare: list[tuple], seq: dict, fault: dict, own: float, host: str,
-           command: str, seconds: float) -> str:
+def render(rows: list[tuple], bare: list[tuple], seq: dict, fault: dict, own: float, host: str, command: str,
+           seconds: float) -> str:
     lines = [
         "## Teacher client throughput (`bench/teacher_throughput.py`)", "",
         f"Fake OpenAI-compatible server in its own process on 127.0.0.1, answering every request after "
         f"{LATENCY * 1000:.0f} ms. Completed requests per second, median of the runs; the ideal is "
         f"concurrency / latency. CPU is this (client) process's alone. "
-        f"{'The client runs on core 0, the server on the others. ' if CORES else ''}"
-        f"shifu runs its event loop on uvloop where installed (a dependency on Linux and macOS); one row "
-        f"shows the Runner on the standard library's asyncio loop.", "",
+        f"{'The client runs on core 0, the server on the others (a real API runs elsewhere).' if CORES else ''}",
+        "",
         "| client | concurrency | requests per run | completed/s (min–max) | ideal/s | share of ideal | "
         "vs sequential | client CPU s per 1000 requests | server CPU s per 1000 | client loop busy at the ideal rate |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, c, r, runs in [("shifu Runner", *row) for row in rows] + [("shifu Runner, stdlib asyncio loop", *std)] + [
+    for name, c, r, runs in [("shifu Runner", *row) for row in rows] + [
             ("bare aiohttp loop (no store, retries or checks)", *row) for row in bare]:
         spread = f" ({min(x['rps'] for x in runs):.0f}–{max(x['rps'] for x in runs):.0f})" if len(runs) > 1 else ""
         ideal = c / LATENCY
@@ -243,9 +235,12 @@ def render(rows: list[tuple], std: tuple, bare: list[tuple], seq: dict, fault: d
         f"(store with group commit, progress callback, retry, budget and rate bookkeeping): "
         f"{own:.2f} CPU s per 1000 requests at concurrency 256; the rest is aiohttp's.", "",
         f"Client loop busy at the ideal rate: ideal requests per second x client CPU per request. The "
-        f"client is one asyncio event loop, and a request's {LATENCY * 1000:.0f} ms only start once the "
-        f"loop gets to send it; as that share nears 100%, with the server and any other work on the same "
-        f"{os.cpu_count()} cores, requests queue inside the loop and each cycle stretches past the latency.", "",
+        f"client is one asyncio event loop, so one core at most, and a request's {LATENCY * 1000:.0f} ms only "
+        f"start once the loop gets to send it. A server with a fixed latency answers the requests of a wave "
+        f"together; the loop then reads and re-sends them one after another (at concurrency 256, 256 x the CPU "
+        f"per request above, a large part of the {LATENCY * 1000:.0f} ms), so each cycle stretches past the "
+        f"latency. The bare aiohttp loop, with no store, retries or checks, shows the same ceiling: what is "
+        f"left is aiohttp's own cost per request on one core.", "",
         f"Machine: {host}. Whole benchmark: {seconds:.0f} s.", "",
         f"Command: `{command}`",
     ]
@@ -261,7 +256,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     a = p.parse_args()
     command = "python bench/teacher_throughput.py" + "".join(f" {x}" for x in sys.argv[1:])
-    t_start, host = time.perf_counter(), machine("aiohttp", "uvloop", "requests")
+    t_start, host = time.perf_counter(), machine("aiohttp", "requests")
     if CORES:
         os.sched_setaffinity(0, CORES[0])
 
@@ -274,9 +269,6 @@ def main() -> None:
             runs = [run_shifu(server, c, n, f"c{c}r{rep}") for rep in range(a.reps)]
             rows.append((c, median_run(runs), runs))
             print(f"concurrency {c}: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
-        runs = [run_shifu(server, 256, 256 * (a.waves or 16), f"std{rep}", stdlib_loop=True) for rep in range(a.reps)]
-        std = (256, median_run(runs), runs)
-        print("stdlib loop 256: " + ", ".join(f"{r['rps']:.1f}/s" for r in runs), flush=True)
         bare = []
         for c, waves in ((64, 32), (256, 16)):
             runs = [run_bare(server, c, c * (a.waves or waves), f"bare{c}r{rep}") for rep in range(a.reps)]
@@ -296,7 +288,7 @@ def main() -> None:
 
     host += f"; load average {os.getloadavg()[0]:.2f} at the end"
     own = run_runner_only(256, 4096)
-    text = render(rows, std, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
+    text = render(rows, bare, seq, fault, own, host, command, time.perf_counter() - t_start)
     write_section("teacher_throughput", text, Path(a.out))
     print(text)
 

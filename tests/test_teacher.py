@@ -219,24 +219,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def test_event_loop_is_uvloop_where_installed_and_asyncio_otherwise(monkeypatch):
-    import sys
-
-    from shifu.teacher import event_loop, run_async
-
-    uvloop = pytest.importorskip("uvloop")
-    loop = event_loop()
-    assert isinstance(loop, uvloop.Loop)
-    loop.close()
-    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: import raises ImportError
-    loop = event_loop()
-    assert type(loop).__module__.startswith("asyncio")
-    loop.close()
-
-    async def answer():
-        await asyncio.sleep(0)
-        return 42
-
-    assert run_async(answer()) == 42

@@ -31,7 +31,7 @@ from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
 from shifu.store import Store
 from shifu.tasks import format_prompt, parse_questions, qa_answer_task
-from shifu.teacher import Request, Retryable, is_local, make_client, price_of, run_async
+from shifu.teacher import Request, Retryable, is_local, make_client, price_of
 
 log = logging.getLogger("shifu")
 
@@ -393,7 +393,7 @@ def run_teach(cfg: Config) -> dict:
     expected = n_teacher + n_qa * cfg.tasks.qa_per_chunk
     t0 = time.time()
     with teacher_progress(expected, cfg) as on_progress:
-        stats = run_async(teach_async(cfg, tasks, on_progress)) if n_teacher else Stats()
+        stats = asyncio.run(teach_async(cfg, tasks, on_progress)) if n_teacher else Stats()
     out = {k: v for k, v in vars(stats).items() if not isinstance(v, Counter)}
     out.update(flags=dict(stats.flags), failures=dict(stats.failures), retry_reasons=dict(stats.retry_reasons),
                seconds=round(time.time() - t0, 2), complete=stats.failed == 0 and stats.unsent == 0)
