@@ -178,7 +178,8 @@ def main() -> None:
              f"Setup: batch {BATCH}, max_length {MAX_LEN}, {N_EXAMPLES} examples (150+150 characters of 孔乙己, chat template), "
              "LoRA r=8/alpha 16 all-linear, fp32, no gradient checkpointing, answer-only loss; median of "
              f"{a.steps - WARMUP} steps after {WARMUP} warm-up; peak RSS of the whole process; TRL 1.16.0 "
-             "SFTTrainer (prompt-completion, completion_only_loss, no packing).", "",
+             "SFTTrainer (prompt-completion, completion_only_loss, no packing); shifu with `train.packing: auto`, "
+             "which on CPU (sdpa attention) means padded rows grouped by length.", "",
              "| model | run | s/step | tokens/s | peak RSS GiB | vs TRL tokens/s | vs TRL memory |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in a.models.split(","):
