@@ -3,8 +3,9 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
-CACHE   ?= $(HOME)/.cache/shifu
-export SHIFU_CACHE := $(CACHE)
+# Not CACHE: make exports command-line variables, and llama-cpp-python's server reads CACHE as a setting.
+SHIFU_CACHE ?= $(HOME)/.cache/shifu
+export SHIFU_CACHE
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
@@ -33,7 +34,8 @@ $(VENV)/.demo-installed: $(STAMP)
 	touch $@
 
 demo-models: $(VENV)/.demo-installed
-	$(BIN)/python scripts/fetch_models.py qwen0.5b qwen1.5b
+	$(BIN)/python scripts/fetch_models.py qwen0.5b
+	$(BIN)/python scripts/fetch_models.py --gguf-only qwen1.5b   # the teacher is served from its GGUF
 
 demo: demo-models
 	$(BIN)/python scripts/demo.py

@@ -35,6 +35,17 @@ def free_port(preferred: int = 8765) -> int:
     raise UserError("no free port on 127.0.0.1")
 
 
+def server_env() -> dict[str, str]:
+    """This environment minus the variables llama-cpp-python's server would read as its own settings
+    (pydantic-settings, case-insensitive): a stray CACHE or MODEL would override the command line."""
+    try:
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError:  # the server will not start either; its log says why
+        return dict(os.environ)
+    names = {name.lower() for cls in (ModelSettings, ServerSettings) for name in cls.model_fields}
+    return {k: v for k, v in os.environ.items() if k.lower() not in names}
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, seconds: float) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -60,7 +71,7 @@ def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: 
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env())
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below runs
     try:
         _wait_ready(url, proc, log_path, ready_s)
