@@ -14,7 +14,7 @@ from shifu.dedup import Deduper
 from shifu.errors import UserError
 from shifu.read import normalise, read_blocks
 
-from conftest import EN, MIXED, TRAD, ZH
+from conftest import EN, MIXED, SAMPLE_ZH, TRAD, ZH
 
 NO_PUNCT_ZH = re.sub(r"[^\u4e00-\u9fff]", "", ZH)
 NO_PUNCT_EN = re.sub(r"[^A-Za-z ]", "", EN.replace("\n", " "))
@@ -250,8 +250,6 @@ def test_an_overlap_as_big_as_the_chunk_is_refused():
 
 
 def test_max_chunks_stops_reading_early(make_config):
-    from conftest import SAMPLE_ZH
-
     cfg = make_config(raw=SAMPLE_ZH, data__max_chunks=2)
     stats = run_chunk(cfg)
     lines = (cfg.work / "chunks.jsonl").read_text(encoding="utf-8").splitlines()

@@ -23,9 +23,9 @@ import hashlib
 from collections import Counter
 from typing import Callable
 
-from shifu.dedup import Deduper, language
 from shifu.chunk import SENTENCE_END
 from shifu.config import Config
+from shifu.dedup import Deduper, language
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
 from shifu.store import Store
