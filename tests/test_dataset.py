@@ -193,6 +193,18 @@ def test_every_rejection_goes_to_rejected_jsonl_with_its_reason_and_count(make_c
     assert stats["examples"] == len(kept) == 20 - 2 - 1 + 3
 
 
+def test_when_every_answer_is_rejected_the_error_points_to_a_rejected_jsonl_that_exists(make_config):
+    from shifu.errors import UserError
+
+    cfg = make_config(enable_qa=False, teacher_data_ratio=1.0)
+    chunks = make_chunks(2)
+    tasks = make_tasks(chunks, cfg)
+    setup_work(cfg, chunks, tasks, teacher_answers(tasks, cfg, lambda task, what: ("好。", [])))
+    with pytest.raises(UserError, match="2 rejected.*rejected.jsonl.*min_answer_chars"):
+        run_dataset(cfg)
+    assert [r["reason"] for r in read_jsonl(cfg.work / "rejected.jsonl")] == ["too_short", "too_short"]
+
+
 def test_a_chunk_of_one_language_answered_in_the_templates_language_is_not_wrong(make_config):
     cfg = make_config(tasks__language="en", enable_qa=False)
     chunks = make_chunks(1)  # a Chinese chunk, English templates: an English answer is right

@@ -146,14 +146,15 @@ def run_dataset(cfg: Config) -> dict:
         examples, rejected, counts = build_examples(tasks, chunks, cfg, store.get)
     finally:
         store.close()
+    write_jsonl(cfg.work / "rejected.jsonl", rejected)  # first: the error below points to it
     if not examples:
-        raise UserError("no usable examples: every teacher answer is missing or rejected; see "
-                        f"{cfg.work / 'rejected.jsonl'} and rerun `shifu teach` to retry failed requests")
+        raise UserError(f"no usable examples: every teacher answer is missing or rejected ({len(rejected)} "
+                        f"rejected, reasons in {cfg.work / 'rejected.jsonl'}); rerun `shifu teach` to retry "
+                        "failed requests, or loosen tasks.min_answer_chars / tasks.max_copy_ratio")
     held = eval_chunks([e["chunk_id"] for e in examples], cfg.eval.eval_ratio, cfg.tasks.seed)
     for e in examples:
         e["split"] = "eval" if e["chunk_id"] in held else "train"
     write_jsonl(cfg.work / "examples.jsonl", examples)
-    write_jsonl(cfg.work / "rejected.jsonl", rejected)
     n_train = write_jsonl(cfg.jsonl_output_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "train"))
     n_eval = write_jsonl(cfg.eval_jsonl_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "eval"))
     by_cat = Counter(e["category"] for e in examples)
