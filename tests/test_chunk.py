@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from shifu.chunk import Tokens, chunk_blocks, run_chunk, split_text
+from shifu.chunk import LEVELS, SENTENCE_END, Tokens, _quote, chunk_blocks, run_chunk, split_text
 from shifu.dedup import Deduper
 from shifu.errors import UserError
 from shifu.read import normalise, read_blocks
@@ -197,6 +197,28 @@ def test_jsonl_records_are_chunked_with_their_own_offsets(make_config, tmp_path)
     for rec in recs:
         doc = docs[int(rec["source"].rsplit("#L", 1)[1]) - 1]
         assert doc[rec["start"]:rec["end"]] == rec["text"]
+
+
+def test_boundary_patterns_written_for_speed_match_their_plain_forms():
+    """LEVELS and SENTENCE_END start with a character class for speed; these are the readable forms."""
+    cjk = "\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff"
+    sentence = rf"(?:[。！？…]+[{_CLOSERS}]*|[.!?]+[{_CLOSERS}]*(?=\s|$|[{cjk}]))"
+    plain = {SENTENCE_END: sentence, LEVELS[1]: rf"[。！？….!?]+[{_CLOSERS}]*[ \t]*\n\s*",
+             LEVELS[2]: sentence + r"\s*", LEVELS[3]: rf"[，；：、][{_CLOSERS}]*\s*|[,;:][{_CLOSERS}]*(?:\s+|$|(?=[{cjk}]))"}
+    alphabet = list("。！？….!?,;:，；：、”」)' \t\n\n") + ["a", "中", "か", "\u3000", "3"]
+    rng = random.Random(7)
+    for _ in range(20000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
+        a = rng.randint(0, len(text))
+        b = rng.randint(a, len(text))
+        for fast, slow in plain.items():
+            want = [m.span() for m in re.compile(slow).finditer(text, a, b)]
+            assert [m.span() for m in fast.finditer(text, a, b)] == want, (fast.pattern, text, a, b)
+
+
+def test_the_fast_json_quote_is_json(tmp_path):
+    for text in ['say "hi" \\ back\n\tthen', "全角“引号”，\u2028分隔", "", "\\n"]:
+        assert _quote(text) == json.dumps(text, ensure_ascii=False)
 
 
 def test_run_chunk_removes_and_counts_duplicates(make_config, tmp_path):

@@ -218,6 +218,17 @@ def test_control_characters_dropped_full_width_punctuation_kept(tmp_path):
     assert read_all(path) == "Tab\there[0m，。！？：；（）“”「」　全角\nend\nnext.\n" + EN
 
 
+def test_the_fast_control_check_agrees_with_the_regex_on_every_bmp_character():
+    from shifu.read import _CONTROL, _has_control
+
+    for cp in range(0x10000):
+        if 0xD800 <= cp < 0xE000:
+            continue
+        text = "ab" + chr(cp) + "中文"
+        assert _has_control(text) == bool(_CONTROL.search(text)), hex(cp)
+    assert normalise("a\U0001F600\x07b\ud800") == "a\U0001F600b\ud800"  # astral and lone surrogates pass
+
+
 def test_blocks_respect_the_limit_cut_at_boundaries_and_keep_offsets(tmp_path):
     paragraphs = [f"第{i}段。" + "这是一句话，" * (i % 7 + 1) + "完。" for i in range(200)]
     text = "\n\n".join(paragraphs)
