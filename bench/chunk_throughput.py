@@ -4,8 +4,10 @@
     .venv/bin/python bench/chunk_throughput.py --synthetic-mb 20 --no-write   # a quick look
 
 Not part of the test suite. Every measurement runs in a fresh child process pinned to one CPU, so
-its peak RSS (VmHWM) is its own and it uses one core; each row is the best of --repeat runs (3),
-timed by CPU time and by wall time. Inputs:
+its peak RSS (VmHWM) is its own and it uses one core; each row is the best of --repeat runs (5),
+timed by CPU time and by wall time. An input under 10 MB is run twice in its process and the second
+run is timed (the first is reported beside it): the first also pays for growing the process's memory,
+a cost per process, not per byte. Inputs:
 - ../shared/corpus (or --corpus): the Chinese files (luxun_*.txt) and english.txt, separately;
 - a synthetic corpus of --synthetic-mb MB (100 by default) written to a temp folder as 10 files:
   copies of the three corpus files in turn; in each copy 90% of the paragraphs are rebuilt from as
@@ -118,7 +120,6 @@ def child(spec: dict) -> dict:
     os.sched_setaffinity(0, {spec["cpu"]})
     from shifu.chunk import Chars, Tokens, split_text  # imported before the clock starts, like numpy
     from shifu.config import config_from_dict
-    from shifu.read import read_blocks
 
     tok = None
     if spec["unit"] == "tokens":
@@ -128,7 +129,6 @@ def child(spec: dict) -> dict:
     size = TOKENS if tok else SIZE
     from semantic_text_splitter import TextSplitter
 
-    from shifu.chunk import run_chunk
     from shifu.dedup import Deduper
 
     tree = {"raw_data_path": spec["path"], "chunk_size": size, "work_dir": spec["work"],
@@ -141,6 +141,20 @@ def child(spec: dict) -> dict:
     split_text(warm, size, Tokens(tok) if tok else Chars())
     splitter.chunk_indices(warm)
     base_rss = _peak_rss_mb()
+    first = _once(spec, cfg, splitter, tok, size)
+    # A small input is run again and the second run timed: the first pays once per process for growing
+    # its memory (page faults), which a large corpus amortises and a 0.2 MB file does not.
+    out = _once(spec, cfg, splitter, tok, size) if spec["warm"] else dict(first)
+    out.update(first_cpu=first["cpu"], peak_rss_mb=_peak_rss_mb(), base_rss_mb=base_rss)
+    return out
+
+
+def _once(spec: dict, cfg, splitter, tok, size: int) -> dict:
+    """One timed run of the row's work on the row's input."""
+    from shifu.chunk import Chars, Tokens, run_chunk, split_text
+    from shifu.dedup import Deduper
+    from shifu.read import read_blocks
+
     out: dict = {}
     t0, c0 = time.perf_counter(), time.process_time()
     if spec["what"] == "shifu stage":
@@ -164,7 +178,7 @@ def child(spec: dict) -> dict:
             mid += _quality(block.text, spans)
             t0, c0 = time.perf_counter() - seconds, time.process_time() - cpu
         out.update(chunks=chunks, mid_sentence=mid)
-    out.update(seconds=seconds, cpu=cpu, peak_rss_mb=_peak_rss_mb(), base_rss_mb=base_rss)
+    out.update(seconds=seconds, cpu=cpu)
     return out
 
 
@@ -202,7 +216,8 @@ def _row(res: dict) -> str:
     quality = f"{r['mid_sentence']:,} of {r['chunks']:,}" if "mid_sentence" in r else "as shifu split"
     dedup = f"{r['exact']:,} exact + {r['near']:,} near" if "exact" in r else "none"
     return (f"| {res['label']} | {res['what']} | {res['limit']} | {mb:.1f} | {r['chunks']:,} | **{mb / r['cpu']:.1f}** "
-            f"| {mb / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) | {dedup} | {quality} |")
+            f"| {mb / r['first_cpu']:.1f} | {mb / r['seconds']:.1f} | {r['peak_rss_mb']:.0f} ({r['base_rss_mb']:.0f}) "
+            f"| {dedup} | {quality} |")
 
 
 def _per_chunk_us(r: dict) -> float:
@@ -212,16 +227,14 @@ def _per_chunk_us(r: dict) -> float:
 
 def _report(results: list[dict], args, load: tuple[float, float]) -> str:
     stage = [res for res in results if res["what"] == "shifu stage"]
-    big = [res for res in stage if res["label"].startswith("synthetic") and res["limit"].endswith("chars")]
-    verdict = ""
-    if big:
-        speed = big[0]["mb"] / big[0]["r"]["cpu"]
-        verdict = (f"Target (at least 10 MB/s on one core for the chunk stage): "
-                   f"**{'met' if speed >= 10 else 'missed'}**, "
-                   f"{speed:.1f} MB/s of CPU time on the synthetic corpus.")
+    speeds = {res["label"]: res["mb"] / res["r"]["cpu"] for res in stage if res["limit"].endswith("chars")}
+    missed = [label for label, speed in speeds.items() if speed < 10]
+    verdict = (f"Target (at least 10 MB/s on one core for the chunk stage, {SIZE} characters a chunk): "
+               f"**{'missed on ' + ', '.join(missed) if missed else 'met on every input'}**; "
+               + ", ".join(f"{label} {speed:.1f}" for label, speed in speeds.items()) + " MB/s of CPU time.")
     command = ".venv/bin/python bench/chunk_throughput.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in (("synthetic_mb", args.synthetic_mb), ("repeat", args.repeat))
-        if v != {"synthetic_mb": 100, "repeat": 3}[k])
+        if v != {"synthetic_mb": 100, "repeat": 5}[k])
     return "\n".join([
         "## Chunk stage throughput (`bench/chunk_throughput.py`)",
         "",
@@ -232,15 +245,17 @@ def _report(results: list[dict], args, load: tuple[float, float]) -> str:
         "",
         verdict,
         "",
-        "| input | splitter | limit | MB | chunks | MB/s (CPU time) | MB/s (wall) | peak RSS MB (at start) "
-        "| duplicates removed | chunks ending mid-sentence |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| input | splitter | limit | MB | chunks | MB/s (CPU time) | first run in the process | MB/s (wall) "
+        "| peak RSS MB (at start) | duplicates removed | chunks ending mid-sentence |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
         *[_row(res) for res in results],
         "",
         "- *shifu stage* is `run_chunk`: read, split, drop exact and near duplicates (MinHash), write chunks.jsonl.",
         "  *shifu split* and *semantic-text-splitter* read the same blocks and split them, nothing else.",
         "- MB/s counts the input's UTF-8 bytes, over the process's CPU time (what one core does) and over wall",
-        "  time (which also counts waiting for a core on a shared machine).",
+        "  time (which also counts waiting for a core on a shared machine). Inputs under 10 MB are run twice in",
+        "  one process and the second run is timed (the first, shown beside it, also pays for growing the",
+        "  process's memory: page faults that a large corpus pays once); the synthetic corpus is run once.",
         "- Peak RSS is the child process's own (VmHWM), Python and numpy included; at start is the figure",
         "  after imports and a small warm-up call, before reading (transformers makes the token rows' high).",
         "- Much of the stage's cost comes per chunk, not per byte: "
@@ -281,7 +296,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus"))
     ap.add_argument("--synthetic-mb", type=float, default=100)
-    ap.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per row; the best is reported")
     ap.add_argument("--no-tokens", action="store_true", help="skip the token-mode rows")
     ap.add_argument("--no-write", action="store_true", help="print the section, leave docs/BENCHMARKS.md alone")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -312,7 +327,7 @@ def main() -> None:
                 for what in ("shifu stage", "shifu split", "semantic-text-splitter"):
                     (tmp / "work").mkdir(exist_ok=True)
                     spec = {"what": what, "path": str(path), "unit": unit, "tokenizer": tokenizer,
-                            "work": str(tmp / "work"), "cpu": cpu}
+                            "work": str(tmp / "work"), "cpu": cpu, "warm": mb < 10}
                     limit = f"{TOKENS} tokens" if unit == "tokens" else f"{SIZE} chars"
                     results.append({"label": label, "what": what, "limit": limit, "mb": mb,
                                     "r": run_child(spec, args.repeat)})
