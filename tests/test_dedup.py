@@ -50,3 +50,13 @@ def test_deduper_drops_exact_and_near_copies_and_counts_them():
 def test_short_texts_are_compared_whole():
     dedup = Deduper(0.85)
     assert dedup.keep(["好", "好", "坏", "", " ", "abcd", "abce"]) == [True, False, True, True, False, True, True]
+
+
+def test_signatures_do_not_depend_on_the_batch_and_every_bucket_is_filled():
+    """Batches of about 64K characters, densified per row: a text's signature is its own."""
+    rng = random.Random(11)
+    texts = [ZH[rng.randrange(len(ZH) - 600):][:rng.randint(5, 600)] for _ in range(300)] + ["x" * 70000, "ab", ""]
+    together = signatures(texts)
+    alone = [signatures([t])[0] for t in texts]
+    assert all((row == one).all() for row, one in zip(together, alone))
+    assert (together < (1 << 26) + 64).all()  # no bucket left empty (0xFFFFFFFF)

@@ -252,15 +252,16 @@ def _atoms(text: str, size: int, m: Measure) -> list[tuple]:
 def _pack(atoms: list[tuple], size: int, min_fill: float = 0.5) -> list[tuple[int, int]]:
     """Greedy packing; within each window cut at the strongest boundary that leaves the chunk at least
     min_fill full (so a lone title does not become a chunk), the latest such boundary on ties."""
-    spans, i, n = [], 0, len(atoms)
+    spans, i, n, fill = [], 0, len(atoms), min_fill * size
     while i < n:
-        total, j, best, best_key = 0, i, i + 1, None
+        total, j, best, best_full, best_strength = 0, i, i + 1, False, HARD + 1
         while j < n and (j == i or total + atoms[j][3] <= size):
-            total += atoms[j][3]
+            _, _, strength, s = atoms[j]
+            total += s
             j += 1
-            key = (total >= min_fill * size, -atoms[j - 1][2], j)
-            if best_key is None or key > best_key:
-                best, best_key = j, key
+            full = total >= fill  # the best cut so far: full first, then strength, then the latest
+            if full > best_full or (full == best_full and strength <= best_strength):
+                best, best_full, best_strength = j, full, strength
         cut = n if j == n else best
         spans.append((atoms[i][0], atoms[cut - 1][1]))
         i = cut
