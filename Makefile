@@ -9,7 +9,7 @@ export SHIFU_CACHE
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: test test-slow demo demo-models venv clean lint
+.PHONY: test test-slow demo demo-models venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -262,7 +262,7 @@ def _report(results: list[dict], args, load: tuple[float, float]) -> str:
         + "; ".join(f"{res['label']}: {_per_chunk_us(res['r']):.0f} µs a chunk"
                     for res in stage if res["limit"].endswith("chars"))
         + ". So MB/s depends on the bytes in a chunk: 500 characters are about 1.5 KB of Chinese but 0.5 KB",
-        "  of English, and English-only text at 500 characters stays under the target; in token mode the",
+        "  of English, which makes English the slowest input per MB; in token mode the",
         "  tokenizer sets the pace.",
         "- Memory: reader and splitter hold one block (at most 256K characters) at a time, so *shifu split*",
         "  stays flat from 0.2 to 100 MB. The dedup index grows with every kept chunk: "
