@@ -203,8 +203,9 @@ def test_boundary_patterns_written_for_speed_match_their_plain_forms():
     """LEVELS and SENTENCE_END start with a character class for speed; these are the readable forms."""
     cjk = "\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff"
     sentence = rf"(?:[。！？…]+[{_CLOSERS}]*|[.!?]+[{_CLOSERS}]*(?=\s|$|[{cjk}]))"
+    clause = rf"[，；：、][{_CLOSERS}]*\s*|[,;:][{_CLOSERS}]*(?:\s+|$|(?=[{cjk}]))"
     plain = {SENTENCE_END: sentence, LEVELS[1]: rf"[。！？….!?]+[{_CLOSERS}]*[ \t]*\n\s*",
-             LEVELS[2]: sentence + r"\s*", LEVELS[3]: rf"[，；：、][{_CLOSERS}]*\s*|[,;:][{_CLOSERS}]*(?:\s+|$|(?=[{cjk}]))"}
+             LEVELS[2]: sentence + r"\s*", LEVELS[3]: clause}
     alphabet = list("。！？….!?,;:，；：、”」)' \t\n\n") + ["a", "中", "か", "\u3000", "3"]
     rng = random.Random(7)
     for _ in range(20000):

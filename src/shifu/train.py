@@ -151,7 +151,9 @@ class DistillationTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._parts[2] > 0:
             ce, kd, n, n_kd = self._parts.tolist()
-            logs.update(ce=round(ce / n, 4), kd_coverage=round(n_kd / n, 4))
+            # kd_share: answer tokens of this window that had teacher distributions; examples taken from
+            # the text itself (teacher_data_ratio < 1) have none. The summary's kd_coverage counts teacher examples.
+            logs.update(ce=round(ce / n, 4), kd_share=round(n_kd / n, 4))
             if n_kd:
                 logs["kd"] = round(kd / n_kd, 4)
             self._parts.zero_()
