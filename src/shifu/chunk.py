@@ -354,8 +354,8 @@ def chunk_blocks(blocks: Iterable[Block], cfg: Config, measure, dedup: Deduper) 
 
 def _quote(text: str) -> str:
     """json.dumps of a string without ensure_ascii, for text that read_blocks normalised: its only
-    control characters are LF and TAB, so four replaces (each one fast C pass) do the escaping, a
-    third of the work of json's own encoder."""
+    control characters are LF and TAB, so four replaces (each one C pass) do the escaping, in two
+    thirds of the time of json's own encoder on English chunks."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
 
 
