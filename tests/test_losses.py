@@ -117,3 +117,48 @@ def test_padded_rows_and_rows_without_teacher_stay_finite(variant, temperature):
     combine(torch.ones(4), loss, ids[:, 0] >= 0, 0.5).sum().backward()
     assert torch.isfinite(loss).all() and torch.isfinite(logits.grad).all()
     assert logits.grad[2].abs().sum() == 0  # the row without a teacher gets no distillation gradient
+
+
+@pytest.mark.parametrize("variant,temperature", [("forward_kl", 1.0), ("jsd", 2.0), ("reverse_kl", 1.0)])
+def test_chunked_head_loss_and_gradients_equal_the_whole_one(variant, temperature):
+    """The head run in chunks of 7 positions gives the loss and gradients of full logits (shifu.losses)."""
+    from types import SimpleNamespace
+
+    from shifu.losses import chunked_loss_sums, loss_sums
+
+    g = torch.Generator().manual_seed(0)
+    n, hid, vocab, k = 23, 16, 50, 4
+    d = SimpleNamespace(kd_ratio=0.5, variant=variant, temperature=temperature, beta=0.5, skew_alpha=0.1)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    ids = torch.randint(0, vocab, (n, k), generator=g)
+    ids[::3] = -1  # tokens without a teacher distribution
+    lps = F.log_softmax(torch.randn(n, k, generator=g), -1) - 0.3
+    results = []
+    for chunked in (False, True):
+        torch.manual_seed(1)
+        head = torch.nn.Linear(hid, vocab, bias=False)  # trainable here, so its gradient is checked too
+        hidden = torch.randn(n, hid, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        sums = (chunked_loss_sums(hidden, head, targets, ids, lps, d, chunk=7) if chunked
+                else loss_sums(head(hidden), targets, ids, lps, d))
+        sums[0].backward()
+        results.append((sums.detach(), hidden.grad, head.weight.grad))
+    (s0, h0, w0), (s1, h1, w1) = results
+    assert s0[3] == n - len(range(0, n, 3))  # the tokens with a teacher are counted
+    assert torch.allclose(s0, s1, atol=1e-5) and torch.allclose(h0, h1, atol=1e-6) and torch.allclose(w0, w1, atol=1e-6)
+    assert h0.abs().sum() > 0
+
+
+def test_chunked_head_never_holds_more_than_a_chunk_of_logits():
+    """Saved for backward: the chunks' inputs, never a tokens x vocabulary tensor."""
+    from types import SimpleNamespace
+
+    from shifu.losses import chunked_loss_sums
+
+    n, hid, vocab = 64, 8, 1000
+    d = SimpleNamespace(kd_ratio=0.0, variant="forward_kl", temperature=1.0, beta=0.5, skew_alpha=0.1)
+    head = torch.nn.Linear(hid, vocab, bias=False)
+    hidden = torch.randn(n, hid, requires_grad=True)
+    biggest = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: biggest.append(t.numel()) or t, lambda t: t):
+        chunked_loss_sums(hidden, head, torch.zeros(n, dtype=torch.long), None, None, d, chunk=16)[0].backward()
+    assert max(biggest) < 16 * vocab + 1 and hidden.grad is not None

@@ -9,6 +9,11 @@ config asks for bf16 (torch runs bf16 on CPU, which is how the half-precision pa
 fp32 anywhere when `train.precision: fp32`. Under torchrun or accelerate each process takes the GPU
 of its LOCAL_RANK. LoRA weights stay fp32: peft casts adapters up by default, which keeps their
 small updates from vanishing in bf16.
+
+Who calls it: training (`train.load_student`, and the Trainer's bf16/fp16 flags from
+`Placement.trainer_flags`), merge, evaluation, the local teacher (`teacher.kind: local`) and local
+teacher distributions (`distill.source: local`). `shifu estimate` calls `choose_dtype` with the GPU
+it plans for, so its figures are for the dtype training will load.
 """
 
 from __future__ import annotations
@@ -31,6 +36,11 @@ class Placement:
         """TrainingArguments' mixed-precision switches that match the weights' dtype."""
         return {"bf16": self.dtype == torch.bfloat16, "fp16": self.dtype == torch.float16}
 
+    @property
+    def device_map(self) -> dict:
+        """from_pretrained's device_map that puts every weight on this device as it is read."""
+        return {"": self.device}
+
 
 def local_device() -> torch.device:
     if not torch.cuda.is_available():
@@ -38,21 +48,24 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
+def choose_dtype(precision: str, cuda: bool, bf16_ok: bool) -> torch.dtype:
+    """The rule itself, free of the machine it runs on (the estimate plans for a GPU it may not see)."""
+    if precision == "auto":
+        return (torch.bfloat16 if bf16_ok else torch.float16) if cuda else torch.float32
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if cuda and not bf16_ok:
+            raise UserError("train.precision=bf16: this GPU has no bf16 support; use auto (fp16 there) or fp32")
+        return torch.bfloat16
+    if precision == "fp16":
+        if not cuda:
+            raise UserError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
+        return torch.float16
+    raise UserError(f"train.precision={precision!r}: choose auto, fp32, bf16 or fp16")
+
+
 def placement(precision: str = "auto") -> Placement:
     device = local_device()
     cuda = device.type == "cuda"
-    if precision == "auto":
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    elif precision == "fp32":
-        dtype = torch.float32
-    elif precision == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
-            raise UserError("train.precision=bf16: this GPU has no bf16 support; use auto (fp16 there) or fp32")
-        dtype = torch.bfloat16
-    elif precision == "fp16":
-        if not cuda:
-            raise UserError("train.precision=fp16 needs a CUDA GPU; use auto, bf16 or fp32 on CPU")
-        dtype = torch.float16
-    else:
-        raise UserError(f"train.precision={precision!r}: choose auto, fp32, bf16 or fp16")
-    return Placement(device, dtype)
+    return Placement(device, choose_dtype(precision, cuda, cuda and torch.cuda.is_bf16_supported()))

@@ -103,3 +103,54 @@ def distill_loss(student_logits: torch.Tensor | None, ids: torch.Tensor, teacher
 def combine(ce: torch.Tensor, kd: torch.Tensor, has_teacher: torch.Tensor, kd_ratio: float) -> torch.Tensor:
     """Per-token loss: (1 - r) * CE + r * KD where the teacher's distribution is known, CE elsewhere."""
     return torch.where(has_teacher, (1 - kd_ratio) * ce + kd_ratio * kd, ce)
+
+
+# ---- the training loss over the vocabulary head, whole or in chunks --------------------------------
+
+LOGIT_CHUNK = 512  # answer positions whose full-vocabulary logits exist at once (152k x 512 fp32: 0.3 GB)
+
+
+def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor | None, kd_lps: torch.Tensor | None,
+              d) -> torch.Tensor:
+    """[sum of per-token losses, sum of CE, sum of KD where the teacher is known, tokens with a teacher].
+
+    `d` carries kd_ratio, variant, temperature, beta and skew_alpha (a DistillConfig)."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # one pass over the vocabulary for CE and KD alike
+    ce = -logp.gather(1, targets[:, None]).squeeze(1)
+    per_token, kd_sum, n_kd = ce, ce.new_zeros(()), ce.new_zeros(())
+    if kd_ids is not None and d.kd_ratio > 0:
+        has = (kd_ids >= 0).any(-1)
+        if has.any():
+            # rows without a teacher give finite values that combine() discards: no N x V copies
+            s_logp = logp if d.temperature == 1.0 else F.log_softmax(logits.float() / d.temperature, dim=-1)
+            kd = distill_loss(None, kd_ids, kd_lps, d.variant, d.temperature, d.beta, d.skew_alpha, student_logp=s_logp)
+            per_token = combine(ce, kd, has, d.kd_ratio)
+            kd_sum, n_kd = kd[has].sum(), has.sum().to(ce.dtype)
+    return torch.stack([per_token.sum(), ce.sum(), kd_sum, n_kd])
+
+
+def _chunk_sums(hidden, head, targets, kd_ids, kd_lps, d):
+    return loss_sums(head(hidden), targets, kd_ids, kd_lps, d)
+
+
+def chunked_loss_sums(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                      kd_ids: torch.Tensor | None, kd_lps: torch.Tensor | None, d,
+                      chunk: int = LOGIT_CHUNK) -> torch.Tensor:
+    """`loss_sums(head(hidden), ...)` without ever holding the logits of more than `chunk` positions:
+    each chunk's logits are recomputed in the backward pass instead of kept (activation checkpointing
+    of the head), so memory is chunk x vocabulary, not answer tokens x vocabulary, for the cost of
+    a second matmul through the head."""
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for s in range(0, hidden.shape[0], chunk):
+        sl = slice(s, s + chunk)
+        ids, lps = (kd_ids[sl], kd_lps[sl]) if kd_ids is not None else (None, None)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_chunk_sums, hidden[sl], head, targets[sl], ids, lps, d,
+                                    use_reentrant=False, preserve_rng_state=False))
+        else:
+            parts.append(_chunk_sums(hidden[sl], head, targets[sl], ids, lps, d))
+    if not parts:
+        return hidden.new_zeros(4, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
+    return torch.stack(parts).sum(0)

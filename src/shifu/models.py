@@ -1,12 +1,22 @@
 """Loading models and tokenizers the same way everywhere, and the token facts the other stages need.
 
     from shifu.models import load_tokenizer, load_causal_lm, end_token_ids
+    model = load_causal_lm(name, dtype=torch.bfloat16)     # dtype: shifu.device.placement's
+    meta = meta_causal_lm(student_config(name), torch.bfloat16)   # same shapes and dtypes, no memory
+
+`student_config` reads a model's config from its folder, from the configs shipped in
+`shifu/model_configs/` for the shipped configs' students (so `shifu estimate` works offline), or
+from the hub; with no hub it says so at once instead of retrying for a minute.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 from shifu.errors import UserError
 
@@ -56,6 +66,65 @@ def load_causal_lm(name: str, trust_remote_code: bool = False, dtype=None, quant
         return AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
     except OSError as err:
         raise UserError(f"model {name!r}: cannot load safetensors weights ({str(err).splitlines()[0]})") from None
+
+
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def shipped_config_path(name: str) -> Path | None:
+    path = SHIPPED_CONFIGS / (name.replace("/", "--") + ".json")
+    return path if path.exists() and not Path(name).expanduser().exists() else None
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 1.0) -> bool:
+    """A TCP connect to the hub within a second: huggingface_hub itself retries for over a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def student_config(name: str, trust_remote_code: bool = False):
+    """The model's transformers config: its folder, else a shipped config, else the hub if reachable.
+
+    A shipped config may translate module names (`_shifu_module_names`): Qwen-7B-Chat's layout is
+    described with a built-in architecture, since its own code comes with its weights."""
+    from transformers import AutoConfig
+
+    _check_exists(name, "model")
+    shipped = shipped_config_path(name)
+    if shipped is not None:
+        raw = json.loads(shipped.read_text())
+        config = AutoConfig.for_model(**{k: v for k, v in raw.items() if not k.startswith("_shifu")})
+        config.shifu_module_names = raw.get("_shifu_module_names", {})
+        return config
+    if not is_local(name) and not hub_reachable():
+        raise UserError(f"model {name!r}: no folder of that name and the Hugging Face hub is unreachable; "
+                        f"download it where there is network (hf download {name} --local-dir DIR) "
+                        "and set model_name to DIR")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"model {name!r}: cannot read its config ({str(err).splitlines()[0]}); "
+                        "point model_name at a local Hugging Face folder") from None
+
+
+def meta_causal_lm(config, dtype, trust_remote_code: bool = False):
+    """The model `load_causal_lm` would load, built on the meta device: real shapes and dtypes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
 
 
 def end_token_ids(tok) -> list[int]:

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from shifu.config import Config, DistillConfig, dump_config
+from shifu.device import placement
 from shifu.encode import Encoded, encode_examples
 from shifu.errors import UserError
-from shifu.files import atomic_dir, hash_obj, read_json, read_jsonl, write_json
-from shifu.losses import combine, distill_loss
+from shifu.files import atomic_dir, build_lock, hash_obj, read_json, read_jsonl, write_json
+from shifu.losses import chunked_loss_sums, loss_sums
 from shifu.models import load_causal_lm, load_tokenizer
 from shifu.targets import build_targets
 
@@ -92,6 +92,42 @@ def collate(items: list[dict], packing: bool = True, pad_id: int = 0) -> dict:
     return batch
 
 
+def _mix(*values: int) -> int:
+    """A 60-bit seed from several integers, the same in every process and Python version."""
+    return int(hash_obj(list(values))[:15], 16)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The order of an epoch from (seed, epoch) alone, drawn from its own generator. The global random
+    state, which evaluation and data loading also draw from, cannot move it, so a run resumed at any
+    step sees the order an uninterrupted run saw. `epoch()` is read as an epoch's pass begins (the
+    Trainer's state, restored on resume). With `lengths`: transformers' length-grouped order (shuffled
+    mega-batches of `group` examples, each sorted by length) from the same generator."""
+
+    def __init__(self, n: int, seed: int, epoch, lengths: list[int] | None = None, group: int = 1):
+        self.n, self.seed, self.epoch, self.lengths, self.group = n, seed, epoch, lengths, group
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch()))
+        if self.lengths is None:
+            return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter(get_length_grouped_indices(self.lengths, self.group, generator=g))
+
+
+class StepSeed(TrainerCallback):
+    """Reseeds torch (CPU and every GPU) from (seed, optimizer step, rank) as each step begins:
+    dropout and every other draw of a step then owe nothing to what ran before it (evaluation,
+    data loading, a restart), so a resumed run draws what an uninterrupted one drew."""
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(_mix(args.seed, state.global_step, args.process_index))
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 class DistillationTrainer(Trainer):
@@ -104,15 +140,19 @@ class DistillationTrainer(Trainer):
         self.distill = distill
         self.model_accepts_loss_kwargs = True  # makes the Trainer count answer tokens per optimizer step
         self._parts = torch.zeros(4, dtype=torch.float64)  # ce sum, kd sum, tokens, tokens with teacher
+        self.add_callback(StepSeed())
 
     def _get_train_sampler(self, train_dataset=None):
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        # the epoch a pass belongs to: state.epoch is fractional mid-epoch and whole at an epoch's end
+        epoch = lambda: int((self.state.epoch or 0) + 1e-6)  # noqa: E731
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(ds, "lengths"):
-            from transformers.trainer_pt_utils import LengthGroupedSampler
-
             # group by the global batch, so N processes see the same examples per step as one
             size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return LengthGroupedSampler(size, lengths=ds.lengths)
+            return EpochSampler(len(ds), seed, epoch, ds.lengths, size)
+        if self.args.train_sampling_strategy == "random":
+            return EpochSampler(len(ds), seed, epoch)
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -120,23 +160,19 @@ class DistillationTrainer(Trainer):
         kd_ids, kd_lps = inputs.pop("kd_ids", None), inputs.pop("kd_lps", None)
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = labels[:, 1:] != -100  # positions whose next token is an answer token
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
-        logits = outputs.logits.reshape(-1, outputs.logits.shape[-1])
         targets = labels[:, 1:][keep[:, :-1]]
-        logp = F.log_softmax(logits.float(), dim=-1)  # one pass over the vocabulary for CE and KD alike
-        ce = -logp.gather(1, targets[:, None]).squeeze(1)
-        per_token, kd_sum, n_kd = ce, ce.new_zeros(()), 0
-        if kd_ids is not None and self.distill.kd_ratio > 0:
-            ids, lps = kd_ids[:, 1:][keep[:, :-1]], kd_lps[:, 1:][keep[:, :-1]]
-            has = (ids >= 0).any(-1)
-            if has.any():
-                d = self.distill
-                # rows without a teacher give finite values that combine() discards: no N x V copies
-                s_logp = logp if d.temperature == 1.0 else F.log_softmax(logits.float() / d.temperature, dim=-1)
-                kd = distill_loss(None, ids, lps, d.variant, d.temperature, d.beta, d.skew_alpha, student_logp=s_logp)
-                per_token = combine(ce, kd, has, d.kd_ratio)
-                kd_sum, n_kd = kd[has].sum(), int(has.sum())
-        total = per_token.sum()
+        if kd_ids is not None:
+            kd_ids, kd_lps = kd_ids[:, 1:][keep[:, :-1]], kd_lps[:, 1:][keep[:, :-1]]
+        head = self._chunkable_head(model)
+        if head is not None:
+            # The model returns its last hidden state and no logits; the head runs chunk by chunk,
+            # so full-vocabulary logits of the whole batch never exist at once (shifu.losses).
+            outputs = model(**inputs, logits_to_keep=torch.zeros_like(keep), output_hidden_states=-1, use_cache=False)
+            sums = chunked_loss_sums(outputs.hidden_states[-1][keep], head, targets, kd_ids, kd_lps, self.distill)
+        else:  # FSDP shards the head's weight outside the model's forward: logits from the model itself
+            outputs = model(**inputs, logits_to_keep=keep, use_cache=False)
+            sums = loss_sums(outputs.logits.reshape(-1, outputs.logits.shape[-1]), targets, kd_ids, kd_lps, self.distill)
+        total = sums[0]
         if num_items_in_batch is not None and model.training:
             loss = total / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
@@ -144,9 +180,19 @@ class DistillationTrainer(Trainer):
         else:
             loss = total / max(1, len(targets))
         if model.training:
-            self._parts += torch.tensor([ce.detach().sum().item(), kd_sum.detach().item(), len(targets), n_kd],
-                                        dtype=torch.float64)
+            ce_sum, kd_sum, n_kd = sums[1:].detach().tolist()
+            self._parts += torch.tensor([ce_sum, kd_sum, len(targets), n_kd], dtype=torch.float64)
         return (loss, outputs) if return_outputs else loss
+
+    def _chunkable_head(self, model):
+        """The output head to run in chunks, or None where the logits must come from the model itself."""
+        if self.is_fsdp_enabled:
+            return None
+        inner = self.accelerator.unwrap_model(model)
+        config = getattr(inner, "config", None)
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            return None  # models that transform logits after the head
+        return inner.get_output_embeddings()
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._parts[2] > 0:
@@ -163,30 +209,28 @@ class DistillationTrainer(Trainer):
 # ---- the stage ----------------------------------------------------------------------------------
 
 def precision(cfg: Config) -> dict:
-    cuda = torch.cuda.is_available()
-    want = cfg.train.precision
-    if want == "auto":
-        want = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if want in ("bf16", "fp16") and not cuda:
-        raise UserError(f"train.precision={want} needs a CUDA GPU; use auto or fp32 on CPU")
-    return {"bf16": want == "bf16", "fp16": want == "fp16"}
+    """The Trainer's bf16/fp16 flags: autocast in the dtype the base weights were loaded in."""
+    return placement(cfg.train.precision).trainer_flags
 
 
 def load_student(cfg: Config):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """The student's base weights in the dtype of shifu.device's rule (bf16 on most GPUs, not fp32),
+    LoRA adapters on top in fp32 (peft's default). QLoRA: NF4 weights on this process's GPU."""
+    from peft import LoraConfig, get_peft_model
 
-    quant, dtype = None, torch.float32
+    where = placement(cfg.train.precision)
+    quant, device_map = None, None
     if cfg.train.quantization == "4bit":
-        if not torch.cuda.is_available():
+        if where.device.type != "cuda":
             raise UserError("train.quantization=4bit (QLoRA) needs a CUDA GPU and bitsandbytes; set it to none on CPU")
         from transformers import BitsAndBytesConfig
 
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
-    model = load_causal_lm(cfg.model_name, cfg.trust_remote_code, dtype, quant)
-    if quant is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+                                   bnb_4bit_compute_dtype=where.dtype)
+        device_map = where.device_map  # bitsandbytes quantizes as weights reach the GPU
+    model = load_causal_lm(cfg.model_name, cfg.trust_remote_code, where.dtype, quant, device_map)
+    # No prepare_model_for_kbit_training: it casts embeddings, norms and the output head to fp32,
+    # 4.4 GB more for a 7B student; in bf16 they are stable enough, and peft freezes them anyway.
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
@@ -220,7 +264,7 @@ def training_args(cfg: Config, has_eval: bool, packing: bool | None = None) -> T
         train_sampling_strategy="random" if packing else "group_by_length",
         average_tokens_across_devices=True, dataloader_num_workers=0,
         include_num_input_tokens_seen="all" if packing else "non_padding",
-        disable_tqdm=not os.isatty(2), use_cpu=not torch.cuda.is_available(), **precision(cfg))
+        disable_tqdm=not os.isatty(2), use_cpu=placement(cfg.train.precision).device.type == "cpu", **precision(cfg))
 
 
 def read_split(cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -237,10 +281,11 @@ def read_split(cfg: Config) -> tuple[list[dict], list[dict]]:
 def _checkpoint_to_resume(cfg: Config, fingerprint: str) -> str | None:
     folder = cfg.work / "checkpoints"
     stamp = folder / "shifu_fingerprint.json"
-    if folder.exists() and read_json(stamp, {}).get("fingerprint") != fingerprint:
-        shutil.rmtree(folder)  # checkpoints of other data or settings must not be resumed
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(stamp, {"fingerprint": fingerprint})
+    with build_lock(folder):  # every rank comes here; one clears stale checkpoints, none while another reads
+        if folder.exists() and read_json(stamp, {}).get("fingerprint") != fingerprint:
+            shutil.rmtree(folder)  # checkpoints of other data or settings must not be resumed
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(stamp, {"fingerprint": fingerprint})
     done = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     done = [p for p in done if _complete(p)]
     return str(done[-1]) if done else None
