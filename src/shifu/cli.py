@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 import typer
 
 from shifu.errors import UserError
+from shifu.pipeline import ORDER, STAGES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="shifu (师父): distill a teacher LLM into a small student model, from raw text.")
@@ -21,6 +22,7 @@ ConfigArg = typer.Argument(..., help="YAML configuration file, e.g. configs/demo
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set teacher.max_concurrency=32 (repeatable)")
 ForceOpt = typer.Option(False, "--force", help="Redo the stage even if its outputs are up to date")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging")
+WaitOpt = typer.Option(False, "--wait", help="If another shifu process is using work_dir, wait for it instead of stopping")
 
 
 def _guarded(fn: Callable[[], None]) -> None:
@@ -30,7 +32,8 @@ def _guarded(fn: Callable[[], None]) -> None:
     try:
         fn()
     except UserError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        for line in str(err).splitlines():  # several config errors: one line each
+            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: rerun the same command to resume where it stopped")
@@ -39,7 +42,7 @@ def _guarded(fn: Callable[[], None]) -> None:
 
 def _stage_command(name: str, help_text: str) -> None:
     def command(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
-                verbose: bool = VerboseOpt) -> None:
+                wait: bool = WaitOpt, verbose: bool = VerboseOpt) -> None:
         def go() -> None:
             from shifu.config import load_config
             from shifu.pipeline import run_stage
@@ -47,7 +50,7 @@ def _stage_command(name: str, help_text: str) -> None:
             from shifu.report import print_stage
 
             setup_logging(verbose)
-            print_stage(name, run_stage(name, load_config(config, set_), force))
+            print_stage(name, run_stage(name, load_config(config, set_), force, wait))
 
         _guarded(go)
 
@@ -57,7 +60,8 @@ def _stage_command(name: str, help_text: str) -> None:
 @app.command(help="Run every stage in order: chunk, tasks, teach, dataset, train, merge, eval.")
 def run(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, force: bool = ForceOpt,
         until: Optional[str] = typer.Option(None, help="Stop after this stage, e.g. --until dataset"),
-        verbose: bool = VerboseOpt) -> None:
+        wait: bool = WaitOpt, verbose: bool = VerboseOpt,
+        skip_check: bool = typer.Option(False, "--skip-check", help="Start without the checks of `shifu check`")) -> None:
     def go() -> None:
         from shifu.config import load_config
         from shifu.pipeline import run_all
@@ -66,9 +70,13 @@ def run(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, force: bool
 
         setup_logging(verbose)
         cfg = load_config(config, set_)
-        if until is not None and until not in STAGES:
-            raise UserError(f"--until {until!r}: choose one of {', '.join(STAGES)}")
-        run_all(cfg, force, until)
+        if until is not None and until not in ORDER:
+            raise UserError(f"--until {until!r}: choose one of {', '.join(ORDER)}")
+        if not skip_check:
+            from shifu.check import preflight
+
+            preflight(cfg)
+        run_all(cfg, force, until, wait)
         print_summary(cfg)
 
     _guarded(go)
@@ -87,17 +95,23 @@ def estimate(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, verbos
     _guarded(go)
 
 
-STAGES = {
-    "chunk": "Read raw_data_path and split it into chunks (work_dir/chunks.jsonl).",
-    "tasks": "Turn chunks into teacher tasks (work_dir/tasks.jsonl).",
-    "teach": "Have the teacher answer every task; resumable, never pays twice (work_dir/teacher.sqlite).",
-    "dataset": "Write the Alpaca-style JSONL (jsonl_output_path and its .eval split).",
-    "train": "LoRA-train the student with LM + distillation loss (output_dir).",
-    "merge": "Merge the adapter into a full safetensors model (<output_dir>_merged).",
-    "eval": "Score the student before and after training on held-out chunks (work_dir/eval).",
-}
-for _name, _help in STAGES.items():
-    _stage_command(_name, _help)
+@app.command(help="Find every problem a run would hit, in seconds, before anything is spent.")
+def check(config: str = ConfigArg, set_: Optional[List[str]] = SetOpt, verbose: bool = VerboseOpt) -> None:
+    def go() -> None:
+        from shifu.check import check_file, failures, print_check
+        from shifu.progress import setup_logging
+
+        setup_logging(verbose)
+        results = check_file(config, set_)
+        print_check(results)
+        if failures(results):
+            raise UserError(f"{len(failures(results))} check(s) failed (above); fix them and run shifu check again")
+
+    _guarded(go)
+
+
+for _stage in STAGES:
+    _stage_command(_stage.name, _stage.help)
 
 
 def main() -> None:
