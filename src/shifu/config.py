@@ -97,6 +97,7 @@ class TeacherConfig(Section):
     backoff_base_s: float = Field(1.0, ge=0, description="First retry delay; doubles per attempt, with full jitter.")
     backoff_max_s: float = Field(60.0, ge=0, description="Longest retry delay, Retry-After included.")
     max_cost: float | None = Field(None, gt=0, description="Stop scheduling requests before the spend would exceed this (price-table currency).")
+    allow_partial: bool = Field(False, description="Let a teach run that ends with failed or unsent requests succeed (the summary marks it partial); false stops it with a non-zero exit.")
     prices: dict[str, Price] = Field(default_factory=_default_prices, description="Price per model name, per million tokens.")
     peak_pricing: bool = Field(True, description="Use peak rates on weekdays 01:00-04:00 and 06:00-10:00 UTC where a peak price is given.")
     local_batch_size: int = Field(4, ge=1, description="Prompts generated together by the local teacher.")
@@ -144,6 +145,18 @@ class EvalConfig(Section):
     num_samples: int = Field(3, ge=0, description="Held-out prompts answered by base, trained and teacher side by side.")
     max_new_tokens: int = Field(128, ge=1, description="Tokens generated per sample.")
     max_examples: int = Field(64, ge=1, description="Held-out examples scored for loss and perplexity.")
+    generate_examples: int = Field(32, ge=0, le=10000, description="Held-out prompts answered by base and trained student for the judge and ROUGE-L/BLEU against the teacher.")
+    judge: bool = Field(True, description="Have the judge compare answers pairwise (trained vs base, trained vs teacher, closed-book knowledge).")
+    judge_model: str | None = Field(None, description="Judge model name; None uses teacher.model.")
+    judge_base_url: str | None = Field(None, description="Judge server (OpenAI-compatible); None uses teacher.base_url and its key.")
+    judge_max_tokens: int = Field(16, ge=1, le=4096, description="Most tokens per verdict; the judge is asked for one marker.")
+    knowledge_questions: int = Field(16, ge=0, le=10000, description="Closed-book questions about trained chunks, answered without the passage and judged against it.")
+    batch_size: int | None = Field(None, ge=1, le=1024, description="Prompts generated or scored together; None: 16 on GPU, 4 on CPU.")
+    bootstrap_samples: int = Field(1000, ge=100, le=100000, description="Bootstrap resamples for every confidence interval.")
+    seed: int = Field(0, description="Seed for the bootstrap and the choice of knowledge questions.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on base and merged student (needs the lm-eval extra).")
+    lm_eval_include: str | None = Field(None, description="Folder of extra lm-eval YAML tasks (offline or custom benchmarks).")
+    lm_eval_limit: int | None = Field(None, ge=1, description="Most questions per lm-eval task; None runs them all.")
 
 
 class Config(Section):
@@ -177,18 +190,67 @@ class Config(Section):
             value = getattr(self, name)
             if "~" in value or "$" in value:
                 object.__setattr__(self, name, os.path.expandvars(os.path.expanduser(value)))
-        if not (self.enable_qa or self.enable_article or self.tasks.custom):
-            raise ValueError("enable_qa and enable_article are both false and no tasks.custom kind is set: nothing to do")
-        if self.data.chunk_overlap >= self.chunk_size:
-            raise ValueError("data.chunk_overlap must be smaller than chunk_size")
-        if self.distill.source == "local" and not self.distill.local_teacher:
-            raise ValueError("distill.source is local but distill.local_teacher is not set")
+        problems = self._cross_field_problems()
+        if problems:  # all of them at once, one line each (see _format_errors)
+            raise ValueError("\n".join(problems))
         return self
+
+    def _cross_field_problems(self) -> list[str]:
+        """Checks that span fields, all made here, before any stage starts, rather than inside a stage."""
+        out = []
+        if not (self.enable_qa or self.enable_article or self.tasks.custom):
+            out.append("enable_qa and enable_article are both false and no tasks.custom kind is set: nothing to do")
+        if self.data.chunk_overlap >= self.chunk_size:
+            out.append("data.chunk_overlap must be smaller than chunk_size")
+        if self.distill.source == "local" and not self.distill.local_teacher:
+            out.append("distill.source is local but distill.local_teacher is not set")
+        tc = self.teacher
+        if tc.max_cost is not None and tc.kind == "openai" and tc.model not in tc.prices:
+            # Without a price nothing can be counted, and a budget that is silently ignored is worse than none.
+            out.append(f"teacher.max_cost is set but teacher.prices has no entry for teacher.model '{tc.model}'; "
+                       f"add its prices (input_cache_hit, input_cache_miss, output per million tokens) under "
+                       f"teacher.prices.{tc.model}")
+        for name, tpl in self.tasks.custom.items():
+            for part in ("instruction", "input"):
+                try:
+                    getattr(tpl, part).format(chunk="", n="", question="")
+                except (KeyError, IndexError, ValueError) as err:
+                    out.append(f"tasks.custom.{name}.{part}: bad placeholder ({err}); use {{chunk}}, {{n}}, "
+                               "{question}, and double braces for literal ones")
+        return out
 
     # Paths derived from the fields, in one place so that every stage agrees.
     @property
     def work(self) -> Path:
         return Path(self.work_dir)
+
+    @property
+    def chunks_path(self) -> Path:
+        return self.work / "chunks.jsonl"
+
+    @property
+    def tasks_path(self) -> Path:
+        return self.work / "tasks.jsonl"
+
+    @property
+    def store_path(self) -> Path:
+        return self.work / "teacher.sqlite"
+
+    @property
+    def examples_path(self) -> Path:
+        return self.work / "examples.jsonl"
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.work / "rejected.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.work / "summary.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.work / "eval"
 
     @property
     def merged_dir(self) -> Path:
@@ -222,23 +284,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{key}'; check its spelling against the README's configuration table"
-    if first["type"] == "missing":
-        return f"{source}: '{key}' is required"
-    given = first.get("input")
+def _format_one(error: dict, source: str) -> list[str]:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return [f"{source}: unknown key '{key}'; check its spelling against the README's configuration table"]
+    if error["type"] == "missing":
+        return [f"{source}: '{key}' is required"]
+    if error["type"] == "value_error" and not error["loc"]:  # the cross-field checks, one per line
+        return [f"{source}: {line}" for line in error["msg"].removeprefix("Value error, ").splitlines()]
+    given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-    return f"{source}: '{key}': {first['msg']}{shown}"
+    return [f"{source}: '{key}': {error['msg']}{shown}"]
+
+
+def _format_errors(err: ValidationError, source: str) -> list[str]:
+    """Every problem, one line each, so a config is fixed in one round rather than one per error."""
+    return [line for error in err.errors() for line in _format_one(error, source)]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    """The first problem only (shifu.check reports the others one by one)."""
+    return _format_errors(err, source)[0]
 
 
 def config_from_dict(tree: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise UserError(_format_error(err, source)) from None
+        raise UserError("\n".join(_format_errors(err, source))) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -4,7 +4,8 @@
     with FakeServer(fault_rate=0.3) as server: ...   # server.url, server.requests_by_key
 
 Answers are deterministic functions of the prompt: JSON mode returns {"questions": [...]}, other
-requests a short text made of the prompt's own characters, so quality checks pass. With
+requests a short text made of the prompt's own characters, so quality checks pass; a judge prompt
+(one that names the markers [[A]], [[B]] and [[C]]) gets one of them. With
 `top_logprobs` it returns per-token logprobs (characters, or a real tokenizer's tokens when
 `tokenizer` names a folder). Faults, drawn per request at `fault_rate`, from `faults`:
   429 (with Retry-After), 500, 502, 503, 504, timeout (sleeps past the client's timeout), reset
@@ -15,7 +16,8 @@ requests a short text made of the prompt's own characters, so quality checks pas
 deterministic, so a test can check that each fault is retried (or flagged) and then stored.
 `fatal_status` answers every request after the first `fatal_after` with that status (401, 402,
 404, ...), at once, without the latency: requests already in flight still get their answers.
-`no_logprobs` ignores `logprobs` as some servers do. `arrivals` lists (monotonic time, key).
+`no_logprobs` ignores `logprobs` as some servers do. `wrong_api` plays a server that is not
+OpenAI-compatible (404, 405, 501, "html" or "json" with 200). `arrivals` lists (monotonic time, key).
 It binds 127.0.0.1 only and stops itself after `lifetime` seconds.
 """
 
@@ -36,13 +38,15 @@ from aiohttp import web
 FAULTS = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json",
           "keepalive", "empty", "length", "refusal"]
 KEEPALIVE = b"\n\n: keep-alive\n\n\n\n"  # what DeepSeek sends while a busy request waits
+JUDGE_MARKERS = ("[[A]]", "[[B]]", "[[C]]")  # shifu.judge's verdicts
 
 
 class FakeBackend:
     def __init__(self, latency: float = 0.0, fault_rate: float = 0.0, faults: list[str] | None = None,
                  fatal_status: int | None = None, seed: int = 0, tokenizer: str | None = None,
                  timeout_sleep: float = 30.0, fault_first: int = 0, retry_after: str = "0",
-                 fatal_after: int = 0, no_logprobs: bool = False, echo_key: bool = False):
+                 fatal_after: int = 0, no_logprobs: bool = False, echo_key: bool = False,
+                 wrong_api: int | str | None = None):
         self.latency, self.fault_rate, self.fatal_status = latency, fault_rate, fatal_status
         self.faults = faults or FAULTS
         unknown = set(self.faults) - set(FAULTS)
@@ -50,6 +54,7 @@ class FakeBackend:
             raise ValueError(f"unknown faults {sorted(unknown)}; choose from {','.join(FAULTS)}")
         self.fault_first, self.retry_after, self.fatal_after = fault_first, retry_after, fatal_after
         self.no_logprobs = no_logprobs
+        self.wrong_api = wrong_api  # not a chat-completions server at all (see _wrong_api)
         self.echo_key = echo_key  # a careless server that quotes the key back in its 401 body
         self.rng = random.Random(seed)
         self.timeout_sleep = timeout_sleep
@@ -73,6 +78,8 @@ class FakeBackend:
     def content(self, body: dict, key: str | None = None) -> str:
         prompt = body["messages"][-1]["content"]
         r = random.Random(key or self.key(body))
+        if all(m in prompt for m in JUDGE_MARKERS):  # a pairwise judge prompt (shifu.judge): one marker
+            return r.choice(JUDGE_MARKERS)
         if (body.get("response_format") or {}).get("type") == "json_object":
             n = int(m.group(1)) if (m := re.search(r"(\d+)", prompt)) else 2
             words = re.findall(r"[\u4e00-\u9fff]{2,4}|[A-Za-z]{4,}", prompt) or ["text"]
@@ -142,6 +149,8 @@ class FakeBackend:
         self.arrivals.append((time.monotonic(), key))
         auth = request.headers.get("Authorization", "")
         self.auth_headers.append(auth)
+        if self.wrong_api is not None:
+            return self._wrong_api()
         if self.fatal_status and self.received > self.fatal_after:
             message = f"fake fatal error for {auth}" if self.echo_key else "fake fatal error"
             return web.json_response({"error": {"message": message, "type": "fake"}}, status=self.fatal_status)
@@ -177,6 +186,15 @@ class FakeBackend:
             return resp
         self._answered(key, fault, body)
         return web.Response(body=payload, content_type="application/json")
+
+    def _wrong_api(self) -> web.Response:
+        """What a server that is not OpenAI-compatible answers to POST /chat/completions: a status
+        (404, 405, 501 as Python's http.server), a web page, or some other API's JSON, all with 2xx."""
+        if self.wrong_api == "html":
+            return web.Response(text="<!doctype html><html><body>Welcome</body></html>", content_type="text/html")
+        if self.wrong_api == "json":
+            return web.json_response({"status": "ok", "version": "1.0"})
+        return web.Response(text=f"Error {self.wrong_api}", status=int(self.wrong_api), content_type="text/html")
 
     def _draw_fault(self, key: str) -> str | None:
         if self.fault_first:

@@ -27,3 +27,54 @@ def loss_curve(log_history: list[dict], path: Path) -> bool:
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(width, height), dpi=100)
+
+
+def change_chart(changes: dict[str, dict], path: Path) -> bool:
+    """Each before -> after change as a point with its 95% interval; zero marked."""
+    rows = [(name, c) for name, c in changes.items() if c.get("ci")]
+    if not rows:
+        return False
+    plt, fig, ax = _figure(6, 0.6 * len(rows) + 1.2)
+    for y, (name, c) in enumerate(rows):
+        lo, hi = c["ci"]
+        color = {"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray")
+        ax.errorbar(c["change"], y, xerr=[[c["change"] - lo], [hi - c["change"]]], fmt="o", color=color, capsize=4)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_xlabel("after - before (95% bootstrap interval)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def judge_chart(results: dict[str, dict], path: Path) -> bool:
+    """Win / tie / loss shares of the trained student per comparison, as stacked bars."""
+    rows = [(name, r) for name, r in results.items() if r.get("judged")]
+    if not rows:
+        return False
+    plt, fig, ax = _figure(6, 0.6 * len(rows) + 1.2)
+    for y, (name, r) in enumerate(rows):
+        left = 0.0
+        for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red")):
+            share = r[f"{key}_rate"]
+            ax.barh(y, share, left=left, color=color, label=key if y == 0 else None)
+            left += share
+    ax.set_yticks(range(len(rows)), [name for name, _ in rows])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of judged pairs (trained student's view)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
