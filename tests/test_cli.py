@@ -2,6 +2,7 @@
 and bad input answered with one line, a non-zero exit and nothing already produced lost."""
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -106,3 +107,64 @@ def test_unreachable_teacher_fails_clearly_and_keeps_earlier_outputs(make_config
     assert proc.returncode != 0 and no_traceback(proc)
     assert "127.0.0.1:9" in proc.stderr and "error:" in proc.stderr
     assert (cfg.work / "chunks.jsonl").exists() and (cfg.work / "tasks.jsonl").exists()
+
+
+@pytest.mark.parametrize("stage,first", [("tasks", "chunk"), ("teach", "tasks"), ("dataset", "teach")])
+def test_a_stage_before_the_one_it_reads_from_says_which_command_comes_first(stage, first, make_config):
+    from shifu.errors import UserError
+    from shifu.pipeline import ORDER, run_stage
+
+    cfg = make_config()
+    for earlier in ORDER[:ORDER.index(first)]:
+        run_stage(earlier, cfg)
+    with pytest.raises(UserError, match=rf"does not exist yet: run `shifu {first} CONFIG` first"):
+        run_stage(stage, cfg)
+
+
+def test_a_missing_stage_input_through_the_cli_is_one_line(make_config, tmp_path):
+    proc = run_shifu("teach", write_config(make_config(), tmp_path / "c.yaml"))
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and no_traceback(proc) and len(lines) == 1 and "shifu tasks" in lines[0]
+
+
+def test_token_chunks_with_a_missing_model_give_the_missing_model_line(make_config, tmp_path):
+    from shifu.errors import UserError
+    from shifu.pipeline import run_stage
+
+    cfg = make_config(model_name=str(tmp_path / "no-such-model"), data__chunk_unit="tokens")
+    with pytest.raises(UserError, match=r"no-such-model'?: folder not found"):
+        run_stage("chunk", cfg)
+
+
+def unwritable(tmp_path):
+    """A folder this process cannot write: read-only by mode, or, for root (whom modes do not stop),
+    one inside /sys, where nothing can be created."""
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/sys/shifu-test-readonly")
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+@pytest.mark.parametrize("field", ["work_dir", "output_dir", "jsonl_output_path"])
+def test_an_unwritable_output_folder_is_one_line_before_anything_runs(field, make_config, tmp_path):
+    bad = unwritable(tmp_path)
+    value = str(bad / "data.jsonl") if field == "jsonl_output_path" else str(bad / "out")
+    cfg = make_config(**{field: value})
+    proc = run_shifu("run", write_config(cfg, tmp_path / "c.yaml"), "--skip-check")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and no_traceback(proc) and len(lines) == 1, proc.stderr[-2000:]
+    assert field in lines[0] and str(bad) in lines[0] and "cannot write" in lines[0]
+    assert not (tmp_path / "work" / "chunks.jsonl").exists()  # found before the first stage, not after training
+
+
+def test_every_config_error_is_its_own_line(make_config, tmp_path):
+    path = write_config(make_config(), tmp_path / "c.yaml")
+    proc = run_shifu("chunk", path, "--set", "batch_size=0", "--set", "teacher.max_concurrency=lots",
+                     "--set", "chunk_size=20", "--set", "data.chunk_overlap=30")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and no_traceback(proc)
+    assert len(lines) == 2 and "batch_size" in lines[0] and "teacher.max_concurrency" in lines[1], proc.stderr

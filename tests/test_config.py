@@ -66,11 +66,58 @@ def test_dump_redacts_secret_looking_fields():
     assert "sk-test-123456" not in text and "<redacted>" in text and "DEEPSEEK_API_KEY" in text
 
 
-def test_shipped_configs_load():
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("extra_body", "prices", "custom"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_shipped_configs_load_with_every_value_they_set():
+    import os
+
+    import yaml
+
     from conftest import ROOT
 
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        cfg = load_config(path).model_dump(mode="json")
+        for dotted, value in _leaves(yaml.safe_load(path.read_text(encoding="utf-8"))):
+            got = cfg
+            for key in dotted.split("."):
+                got = got[key]
+            if isinstance(value, str) and ("~" in value or "$" in value):
+                value = os.path.expandvars(os.path.expanduser(value))
+            if isinstance(value, dict):
+                assert all(got.get(k) == v or isinstance(v, dict) for k, v in value.items()), (path.name, dotted)
+            else:
+                assert got == value, (path.name, dotted, got, value)
+
+
+def test_every_config_error_is_reported_at_once_one_line_each():
+    tree = {"batch_sise": 4, "learning_rate": -1, "teacher": {"max_concurency": 3, "top_logprobs": 21}}
+    with pytest.raises(UserError) as err:
+        config_from_dict(tree, "x.yaml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 4 and all(line.startswith("x.yaml: ") for line in lines), lines
+    for words in ("batch_sise", "learning_rate", "teacher.max_concurency", "teacher.top_logprobs"):
+        assert sum(words in line for line in lines) == 1, (words, lines)
+
+
+def test_cross_field_checks_all_run_with_the_config_not_in_a_stage():
+    tree = {"enable_qa": False, "enable_article": False, "chunk_size": 100, "data": {"chunk_overlap": 100},
+            "teacher": {"model": "unpriced", "max_cost": 5.0},
+            "tasks": {"custom": {"k": {"category": "问答", "instruction": "{nope}"}}}}
+    with pytest.raises(UserError) as err:
+        config_from_dict(tree, "x.yaml")
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3, lines  # custom kind k keeps the run from having nothing to do
+    for words in ("chunk_overlap", "teacher.prices has no entry for teacher.model 'unpriced'",
+                  "tasks.custom.k.instruction: bad placeholder"):
+        assert any(words in line for line in lines), (words, lines)
 
 
 def test_readme_configuration_table_is_current():

@@ -10,8 +10,7 @@ import pytest
 from shifu.dataset import FIELDS, build_examples, eval_chunks, run_dataset
 from shifu.files import read_jsonl, write_jsonl
 from shifu.store import Store
-from shifu.tasks import make_tasks
-from shifu.teach import answer_requests, task_request
+from shifu.tasks import answer_requests, make_tasks, task_request
 from shifu.teacher import Answer
 
 from conftest import SAMPLE_EN, SAMPLE_ZH

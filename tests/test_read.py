@@ -83,6 +83,41 @@ def test_binary_file_is_a_clear_error_naming_it(tmp_path):
         read_all(zeros)
 
 
+def test_a_short_gbk_file_is_read_beside_utf8_and_big5_files_in_one_folder(tmp_path):
+    # 300 characters that charset detection could not decide (it took them for binary)
+    short = SAMPLE_ZH.read_text(encoding="utf-8")[2000:2300]
+    write(tmp_path / "a.txt", ZH.encode("utf-8"))
+    write(tmp_path / "b.txt", short.encode("gbk"))
+    write(tmp_path / "c.txt", TRAD.encode("big5"))
+    assert detect_encoding(tmp_path / "b.txt") == "gb18030"
+    assert detect_encoding(tmp_path / "c.txt") == "big5"
+    assert read_all(tmp_path) == ZH + short + TRAD
+
+
+@pytest.mark.parametrize("head", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"PK\x03\x04", b"GIF89a"])
+def test_binary_without_nul_bytes_is_skipped_in_a_folder_and_an_error_alone(tmp_path, caplog, head):
+    rng = random.Random(5)
+    body = head + bytes(rng.randrange(1, 256) for _ in range(3000))  # no NUL anywhere
+    write(tmp_path / "a.txt", ZH.encode("utf-8"))
+    image = write(tmp_path / "photo.txt", body)
+    with caplog.at_level("WARNING", logger="shifu"):
+        assert read_all(tmp_path) == ZH
+    assert any("photo.txt" in r.getMessage() and "binary" in r.getMessage() for r in caplog.records)
+    with pytest.raises(UserError, match=r"photo\.txt: looks binary") as err:
+        read_all(image)
+    assert "\n" not in str(err.value)
+
+
+def test_control_heavy_bytes_without_a_signature_are_binary_not_cp932(tmp_path):
+    rng = random.Random(8)
+    # What charset detection once read as cp932: high bytes and control bytes, no NUL, no signature.
+    body = bytes(rng.choice([rng.randrange(1, 32), rng.randrange(0x81, 0xA0), rng.randrange(0xE0, 0xFD)])
+                 for _ in range(4000))
+    path = write(tmp_path / "blob.txt", body)
+    with pytest.raises(UserError, match=r"blob\.txt: (looks binary|binary)"):
+        read_all(path)
+
+
 def test_undecodable_file_is_a_clear_error_naming_it(tmp_path):
     rng = random.Random(3)
     noise = bytes(rng.randrange(1, 256) for _ in range(4000))  # no NULs, not any encoding's text

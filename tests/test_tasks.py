@@ -61,10 +61,9 @@ def test_custom_kinds_add_and_override_without_code(make_config):
     assert qa_answer_task(by_kind["qa"], "孔乙己是谁？", cfg) == ("Q: 孔乙己是谁？", chunks(1)[0]["text"])
 
 
-def test_a_template_with_a_stray_brace_is_a_clear_error(make_config):
-    cfg = make_config(tasks__custom={"bad": {"category": "问答", "instruction": "Use {chunk_text} here"}})
-    with pytest.raises(UserError, match=r"bad placeholder.*\{chunk\}"):
-        make_tasks(chunks(1), cfg)
+def test_a_template_with_a_stray_brace_is_a_clear_error_before_any_stage(make_config):
+    with pytest.raises(UserError, match=r"tasks.custom.bad.instruction: bad placeholder.*\{chunk\}"):
+        make_config(tasks__custom={"bad": {"category": "问答", "instruction": "Use {chunk_text} here"}})
 
 
 # ---- teacher_data_ratio -------------------------------------------------------------------------

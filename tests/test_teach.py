@@ -9,6 +9,7 @@ written nowhere.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -26,12 +27,13 @@ from shifu.fake_openai import FAULTS, FakeBackend, FakeServer
 from shifu.files import read_jsonl
 from shifu.pipeline import run_stage
 from shifu.store import Store
-from shifu.teach import Runner, answer_requests, questions_for, task_request
+from shifu.tasks import answer_requests, questions_for, task_request
+from shifu.teach import Runner
 from shifu.teacher import make_client, unpack_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
-RETRYABLE = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json"]
-FLAGGED = {"empty": "empty", "length": "truncated", "refusal": "refusal"}
+RETRYABLE = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json", "empty"]
+FLAGGED = {"length": "truncated", "refusal": "refusal"}
 PRICES = {"fake-teacher": {"input_cache_hit": 100.0, "input_cache_miss": 200.0, "output": 400.0}}
 
 
@@ -153,7 +155,7 @@ def test_a_random_mix_of_every_fault_at_a_high_rate(fake_server, make_config):
     for req in assert_all_stored(cfg):
         assert server_key(cfg, req) in answered
     dataset = run_stage("dataset", cfg)
-    assert not [k for k in dataset if k.startswith("unanswered")]
+    assert dataset["unanswered"] == 0 and not [k for k in dataset if k.startswith("unanswered:")]
 
 
 def test_a_stored_answer_is_never_bought_again(fake_server, make_config):
@@ -292,28 +294,27 @@ def test_max_cost_stops_scheduling_before_the_budget_is_exceeded(fake_server, ma
     cfg = make_config(server.url, enable_qa=False, teacher__prices=PRICES, teacher__peak_pricing=False,
                       teacher__max_cost=0.3)
     prepare(cfg)
-    stats = run_stage("teach", cfg)
-    store = Store(cfg.work / "teacher.sqlite")
-    spent = store.totals()["stored_cost"]
-    store.close()
-    assert stats["budget_stopped"] and not stats["complete"]
+    with pytest.raises(UserError, match=r"teacher.max_cost=0.3 reached with \d+ requests not sent; raise it"):
+        run_stage("teach", cfg)  # an incomplete run fails, its figures still in the summary
+    stats = json.loads(cfg.summary_path.read_text(encoding="utf-8"))["teach"]
+    with Store(cfg.store_path) as store:
+        spent = store.totals()["stored_cost"]
+    assert stats["budget_stopped"] and not stats["complete"] and stats["partial"]
     assert 0 < stats["done"] < 10 and stats["unsent"] == 10 - stats["done"]
     assert spent <= 0.3 and stats["cost"] == pytest.approx(spent, abs=1e-6)
     # It stopped only when the next request's worst case no longer fit, not earlier.
     runner = Runner(cfg, None, Store(cfg.work / "teacher.sqlite"))
     unsent = [r for r in expected_requests(cfg) if runner.store.get(r.key) is None]
-    assert spent + min(runner._worst_cost(r) for r in unsent) > 0.3
+    assert spent + min(runner.budget.worst_cost(r) for r in unsent) > 0.3
     runner.store.close()
     # A bigger budget continues where it stopped, buying nothing twice.
     stats = run_stage("teach", cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"max_cost": 10.0})}))
     assert stats["complete"] and set(server.requests_by_key.values()) == {1}
 
 
-def test_max_cost_without_a_price_is_refused(fake_server, make_config):
-    cfg = small(make_config, fake_server().url, teacher__max_cost=1.0)
-    prepare(cfg)
+def test_max_cost_without_a_price_is_refused_with_the_config(make_config):
     with pytest.raises(UserError, match="teacher.prices has no entry for teacher.model 'fake-teacher'"):
-        run_stage("teach", cfg)
+        small(make_config, "http://127.0.0.1:9/v1", teacher__max_cost=1.0)
 
 
 def test_estimate_matches_the_run_it_predicts(fake_server, make_config):
@@ -375,7 +376,8 @@ def test_flagged_answers_are_counted_and_left_out_of_the_dataset(fake_server, ma
     prepare(cfg)
     stats = run_stage("teach", cfg)
     flagged = stats["flags"]
-    assert set(flagged) == {"empty", "truncated", "refusal"}
+    # Blank answers are asked again, so they are stored as empty only when blank every time (see below).
+    assert {"truncated", "refusal"} <= set(flagged) <= {"empty", "truncated", "refusal"}
     ds = run_stage("dataset", cfg)
     # Every flagged answer a dataset example would have used is rejected with its flag (a question
     # proposal refused or cut off twice leaves its chunk without questions).
@@ -504,3 +506,126 @@ def test_a_local_teacher_answers_through_the_same_runner(make_config, tiny_teach
         assert (cand_lp[:, 0] >= chosen_lp - 1e-4).all()  # the best alternative is at least the chosen token
         assert b"".join(chosen).decode("utf-8", "replace") == stored["content"]
     store.close()
+
+
+# ---- one process per work_dir, full disks, partial runs, wrong servers, blank answers ------------
+
+def wait_for(predicate, timeout: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_teach_on_the_same_work_dir_stops_at_once_and_nothing_is_bought_twice(make_config, tmp_path):
+    with FakeServer(lifetime=120, latency=0.5) as server:
+        cfg = small(make_config, server.url, teacher__max_concurrency=2)
+        prepare(cfg)
+        yaml_path = write_config(cfg, tmp_path / "c.yaml")
+        first = shifu("teach", yaml_path)
+        wait_for(lambda: server.received > 0)
+        waiting = shifu("teach", yaml_path, "--wait")  # queues behind the first, then finds every answer stored
+        rc, out, err = finish(shifu("teach", yaml_path))
+        assert rc != 0 and "Traceback" not in out + err
+        lines = error_lines(err)
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "--wait" in lines[0], err
+        assert first.poll() is None  # it stopped at once, while the first still runs
+        rc1, _, err1 = finish(first)
+        rc3, _, err3 = finish(waiting)
+        assert rc1 == 0 and rc3 == 0, err1[-2000:] + err3[-2000:]
+        assert "waiting for" in err3
+        assert set(server.requests_by_key.values()) == {1}  # one purchase per request, three processes
+
+
+def test_a_lock_left_by_kill_9_never_blocks_and_ranks_of_one_launch_share_it(tmp_path, monkeypatch):
+    from shifu.lock import work_dir_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shifu.lock import work_dir_lock\n"
+                               "with work_dir_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=rf"in use by pid {holder.pid} on .* since"):
+        with work_dir_lock(tmp_path):
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with work_dir_lock(tmp_path):  # rank 1 of a launch whose rank 0 holds the lock
+        pass
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("RANK")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with work_dir_lock(tmp_path), work_dir_lock(tmp_path):  # free again, and re-entrant
+        pass
+
+
+def test_a_full_disk_during_teach_is_one_line_and_every_committed_answer_is_kept(fake_server, make_config,
+                                                                                  monkeypatch):
+    server = fake_server()
+    cfg = small(make_config, server.url, teacher__max_concurrency=1, teacher__top_logprobs=5)
+    prepare(cfg)
+    opened = Store.__init__
+
+    def small_disk(self, path):
+        opened(self, path)
+        pages = self.db.execute("PRAGMA page_count").fetchone()[0]
+        self.db.execute(f"PRAGMA max_page_count = {pages + 3}")  # SQLite's own "database or disk is full"
+
+    monkeypatch.setattr(Store, "__init__", small_disk)
+    with pytest.raises(UserError) as info:
+        run_stage("teach", cfg)
+    message = str(info.value)
+    assert str(cfg.store_path) in message and "full" in message and "free some space" in message, message
+    assert "rollback" not in message and "\n" not in message
+    monkeypatch.setattr(Store, "__init__", opened)
+    kept = ok_keys(cfg.store_path)
+    assert 0 < len(kept) < 20
+    stats = run_stage("teach", cfg)  # space again: the rest is bought, the committed answers are not
+    assert stats["complete"]
+    by_key = {req.key: server_key(cfg, req) for req in expected_requests(cfg)}
+    assert all(server.requests_by_key[by_key[k]] == 1 for k in kept)
+
+
+def test_a_failed_request_makes_teach_fail_unless_a_partial_run_is_accepted(make_config, tmp_path):
+    with FakeServer(lifetime=120, fault_rate=0.5, faults=["500"], seed=0) as server:
+        cfg = small(make_config, server.url, enable_qa=False, teacher__max_attempts=1)
+        prepare(cfg)
+        yaml_path = write_config(cfg, tmp_path / "c.yaml")
+        rc, out, err = finish(shifu("teach", yaml_path))
+        lines = error_lines(err)
+        assert rc != 0 and "Traceback" not in out + err and len(lines) == 1, err
+        failed = json.loads(cfg.summary_path.read_text(encoding="utf-8"))["teach"]["failed"]
+        assert 0 < failed < 5 and f"{failed} teacher requests failed" in lines[0] and "rerun to retry them" in lines[0]
+        # The server now fails every request: accepting the partial run goes on with what is stored, and says so.
+        server.backend.fault_rate = 1.0
+        cfg2 = small(make_config, server.url, enable_qa=False, teacher__max_attempts=1, teacher__allow_partial=True)
+        proc = subprocess.run([sys.executable, "-m", "shifu", "run", str(write_config(cfg2, tmp_path / "p.yaml")),
+                               "--until", "dataset", "--skip-check"], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "COLUMNS": "200"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(cfg.summary_path.read_text(encoding="utf-8"))
+    assert summary["teach"]["partial"] and summary["dataset"]["unanswered"] == failed
+    assert "partial teacher run" in proc.stderr
+
+
+def test_a_blank_plain_answer_is_asked_again_and_recorded_only_after_the_last_attempt(fake_server, make_config):
+    server = fake_server(fault_first=1, faults=["empty"])
+    cfg = small(make_config, server.url, enable_qa=False, teacher__max_attempts=3)
+    prepare(cfg)
+    stats = run_stage("teach", cfg)
+    assert stats["complete"] and stats["flags"] == {} and stats["retry_reasons"] == {"blank content": 5}
+    always = fake_server(fault_first=100, faults=["empty"])
+    cfg2 = small(make_config, always.url, enable_qa=False, teacher__max_attempts=3, work_dir=str(cfg.work) + "2")
+    prepare(cfg2)
+    stats = run_stage("teach", cfg2)
+    assert stats["complete"] and stats["flags"] == {"empty": 5} and set(always.requests_by_key.values()) == {3}
+
+
+@pytest.mark.parametrize("wrong", [501, "html"])
+def test_a_server_that_is_not_openai_compatible_stops_teach_at_once(fake_server, make_config, wrong):
+    server = fake_server(wrong_api=wrong)
+    cfg = small(make_config, server.url, teacher__max_concurrency=4)
+    prepare(cfg)
+    with pytest.raises(TeacherError, match=r"not an OpenAI-compatible server.*rerun the same command"):
+        run_stage("teach", cfg)
+    assert server.received <= cfg.teacher.max_concurrency  # stopped at once: no retries, nothing more sent

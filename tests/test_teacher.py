@@ -22,8 +22,8 @@ from shifu.teacher import (OpenAIClient, Request, Retryable, _retry_after, answe
                            price_of, unpack_logprobs)
 
 PROMPT = "请根据下面的文本回答问题。\n\n天是蓝色的，因为空气散射阳光中的蓝光。"
-RETRYABLE = {"429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json"}
-FLAGGED = {"empty": "empty", "length": "truncated", "refusal": "refusal"}
+RETRYABLE = {"429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json", "empty"}
+FLAGGED = {"length": "truncated", "refusal": "refusal"}
 
 
 def complete(tc: TeacherConfig, req: Request):
@@ -185,6 +185,27 @@ def test_fatal_statuses_raise_one_line_that_says_what_to_do(fake_server, monkeyp
         complete(tc, Request.build(tc, PROMPT))
     message = str(info.value)
     assert hint in message and f"HTTP {status}" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("wrong", [404, 405, 501, "html", "json"])
+def test_a_server_that_is_not_openai_compatible_is_a_wrong_base_url_at_once(fake_server, wrong):
+    server = fake_server(wrong_api=wrong)
+    tc = teacher(server.url)
+    with pytest.raises(TeacherError) as info:
+        complete(tc, Request.build(tc, PROMPT))
+    message = str(info.value)
+    assert "teacher.base_url" in message and server.url in message and "\n" not in message
+    assert server.received == 1
+
+
+def test_a_blank_plain_answer_is_retried_and_carries_the_answer_to_record_at_the_end(fake_server):
+    server = fake_server(fault_first=1, faults=["empty"])
+    tc = teacher(server.url)
+    req = Request.build(tc, PROMPT)
+    with pytest.raises(Retryable) as info:
+        complete(tc, req)
+    assert info.value.reason == "blank content" and info.value.answer.flags == ["empty"]
+    assert complete(tc, req).content  # asked again, answered
 
 
 def test_a_key_the_server_echoes_back_never_reaches_the_error(fake_server, monkeypatch):

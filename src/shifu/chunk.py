@@ -134,9 +134,9 @@ def as_measure(measure) -> Measure:
 
 
 def token_measure(model_name: str, trust_remote_code: bool = False) -> Tokens:
-    from transformers import AutoTokenizer
+    from shifu.models import load_tokenizer  # a missing model is the one line every stage gives
 
-    return Tokens(AutoTokenizer.from_pretrained(model_name, trust_remote_code=trust_remote_code))
+    return Tokens(load_tokenizer(model_name, trust_remote_code))
 
 
 # ---- splitting ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 from collections import Counter
 from typing import Callable
 
@@ -28,14 +29,17 @@ from shifu.config import Config
 from shifu.dedup import Deduper, language
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
+from shifu.records import Chunk, Example, StoredAnswer, Task
 from shifu.store import Store
-from shifu.teach import answer_requests, questions_for, task_request
-from shifu.tasks import qa_answer_task
+from shifu.tasks import answer_requests, qa_answer_task, questions_for, task_request
+
+log = logging.getLogger("shifu")
+Lookup = Callable[[str], StoredAnswer | None]  # answer key -> the stored answer, or None
 
 FIELDS = ("instruction", "input", "output", "chunk_id", "category")
 
 
-def rejection(output: str, flags: list[str], chunk: dict, cfg: Config, dedup: Deduper,
+def rejection(output: str, flags: list[str], chunk: Chunk, cfg: Config, dedup: Deduper,
               lang: str | None = None, category: str = "文章生成") -> str | None:
     """Why a teacher output must not be trained on, or None. `lang` is the language the task asked in."""
     if flags:
@@ -65,7 +69,7 @@ def trimmed(output: str, flags: list[str], category: str, cfg: Config) -> tuple[
     return output[:ends[-1]], []
 
 
-def _stored_proposal(task: dict, cfg: Config, get: Callable) -> str:
+def _stored_proposal(task: Task, cfg: Config, get: Lookup) -> str:
     """The latest stored question proposal (the re-ask if there is one), for rejected.jsonl."""
     for reask in (True, False):
         stored = get(task_request(task, cfg, reask).key)
@@ -74,7 +78,7 @@ def _stored_proposal(task: dict, cfg: Config, get: Callable) -> str:
     return ""
 
 
-def _teacher_examples(task: dict, cfg: Config, get: Callable) -> list[tuple[dict, str | None, str]]:
+def _teacher_examples(task: Task, cfg: Config, get: Lookup) -> list[tuple[dict, str | None, str]]:
     """(example, answer key or None, status) for one teacher task; status '' means answered."""
     if task["parse"] != "json_qa":
         req = task_request(task, cfg)
@@ -93,7 +97,8 @@ def _teacher_examples(task: dict, cfg: Config, get: Callable) -> list[tuple[dict
     return out
 
 
-def build_examples(tasks: list[dict], chunks: dict[int, dict], cfg: Config, get: Callable) -> tuple[list[dict], list[dict], Counter]:
+def build_examples(tasks: list[Task], chunks: dict[int, Chunk], cfg: Config,
+                   get: Lookup) -> tuple[list[Example], list[dict], Counter]:
     """Pure given `get` (key -> stored answer): examples with meta, rejected outputs, and counts."""
     examples, rejected, counts = [], [], Counter()
     dedup = Deduper(cfg.tasks.near_dup_threshold)
@@ -139,25 +144,26 @@ def eval_chunks(chunk_ids: list[int], ratio: float, seed: int) -> set[int]:
 
 
 def run_dataset(cfg: Config) -> dict:
-    tasks = list(read_jsonl(cfg.work / "tasks.jsonl"))
-    chunks = {c["chunk_id"]: c for c in read_jsonl(cfg.work / "chunks.jsonl")}
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
+    tasks = list(read_jsonl(cfg.tasks_path))
+    chunks = {c["chunk_id"]: c for c in read_jsonl(cfg.chunks_path)}
+    with Store(cfg.store_path) as store:
         examples, rejected, counts = build_examples(tasks, chunks, cfg, store.get)
-    finally:
-        store.close()
-    write_jsonl(cfg.work / "rejected.jsonl", rejected)  # first: the error below points to it
+    write_jsonl(cfg.rejected_path, rejected)  # first: the error below points to it
     if not examples:
         raise UserError(f"no usable examples: every teacher answer is missing or rejected ({len(rejected)} "
-                        f"rejected, reasons in {cfg.work / 'rejected.jsonl'}); rerun `shifu teach` to retry "
+                        f"rejected, reasons in {cfg.rejected_path}); rerun `shifu teach` to retry "
                         "failed requests, or loosen tasks.min_answer_chars / tasks.max_copy_ratio")
     held = eval_chunks([e["chunk_id"] for e in examples], cfg.eval.eval_ratio, cfg.tasks.seed)
     for e in examples:
         e["split"] = "eval" if e["chunk_id"] in held else "train"
-    write_jsonl(cfg.work / "examples.jsonl", examples)
+    write_jsonl(cfg.examples_path, examples)
     n_train = write_jsonl(cfg.jsonl_output_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "train"))
     n_eval = write_jsonl(cfg.eval_jsonl_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "eval"))
     by_cat = Counter(e["category"] for e in examples)
-    return {"examples": len(examples), "train_examples": n_train, "eval_examples": n_eval,
+    unanswered = sum(v for k, v in counts.items() if k.startswith("unanswered:"))
+    if unanswered:  # a partial teacher run: say so, in the log and in the summary
+        log.warning("partial teacher run: %d teacher examples have no stored answer and are left out; "
+                    "rerun `shifu teach` to complete it", unanswered)
+    return {"unanswered": unanswered, "examples": len(examples), "train_examples": n_train, "eval_examples": n_eval,
             "eval_chunks": len(held), "by_category": dict(by_cat), "rejected": len(rejected),
             "teacher_examples": sum(e["key"] is not None for e in examples), **dict(counts)}

@@ -41,7 +41,7 @@ def _counter(cfg: Config):
 def teacher_estimate(cfg: Config) -> dict:
     from shifu.pipeline import run_stage
     from shifu.store import Store
-    from shifu.teach import answer_requests, questions_for, task_request
+    from shifu.tasks import answer_requests, questions_for, task_request
 
     run_stage("chunk", cfg)
     run_stage("tasks", cfg)

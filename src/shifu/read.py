@@ -8,9 +8,12 @@ Inputs: .txt and .md as plain text, .jsonl with one document per line (a configu
 .pdf / .docx when the optional `docs` extra is installed (pypdf, python-docx). A folder gives every
 supported file under it, a glob every supported file it matches (hidden files are skipped); a single
 file is read as text whatever its suffix. Encodings: a BOM decides first (UTF-8, UTF-16, UTF-32);
-then strict UTF-8; then charset-normalizer's best guess (GB18030 for any GB2312/GBK guess, since it
-is a superset; Big5; ...). `data.encoding` overrides. NUL bytes without a UTF-16/32 BOM (over 1% of
-valid UTF-8, any in anything else) mean binary.
+then strict UTF-8; then strict GB18030, then Big5, whichever decodes to text that looks like text
+(few control or unassigned characters, mostly the encoding's common characters); then
+charset-normalizer's guess, if its text looks like text. `data.encoding` overrides. Binary: a known
+file signature (PNG, JPEG, zip, ...), NUL bytes without a UTF-16/32 BOM (over 1% of valid UTF-8,
+any in anything else), or a decode that is mostly control characters; in a folder such a file is
+skipped with a warning, alone it is an error.
 Normalisation: CRLF and CR become LF, Unicode line and paragraph separators become LF, control
 characters other than LF and TAB are dropped, a BOM inside the text is dropped; full-width
 punctuation is kept as written (no NFKC).
@@ -26,7 +29,9 @@ import codecs
 import glob
 import io
 import json
+import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +40,7 @@ import numpy as np
 
 from shifu.errors import UserError
 
+log = logging.getLogger("shifu")
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".markdown"}
 SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".pdf", ".docx"}
 BLOCK_CHARS = 1 << 18  # 256K characters: big enough for fast batches, small enough to stay flat
@@ -98,7 +104,58 @@ def normalise(text: str) -> str:
     return text
 
 
+class BinaryInput(UserError):
+    """A file that is not text: skipped with a warning in a folder, an error when it is the only input."""
+
+
+# Common file signatures: an image or archive renamed .txt may hold no NUL in its first bytes.
+_SIGNATURES = {b"\x89PNG": "PNG image", b"\xff\xd8\xff": "JPEG image", b"GIF8": "GIF image", b"%PDF-": "PDF",
+               b"PK\x03\x04": "zip archive (or .docx)", b"\x1f\x8b": "gzip archive", b"7z\xbc\xaf": "7z archive",
+               b"Rar!\x1a\x07": "RAR archive", b"\x7fELF": "executable", b"SQLite format 3\x00": "SQLite database"}
+_BAD_SHARE = 0.01  # text has almost no control, unassigned or private-use characters; binary has many
+_COMMON_SHARE = 0.7  # of CJK characters decoded, those in the encoding's common set (see _common)
+
+
+def _bad_share(text: str) -> float:
+    """Share of characters text never holds: controls (not tab, newlines, form feed), unassigned,
+    private use, and replacement characters."""
+    if not text:
+        return 0.0
+    bad = sum(1 for ch in text if (ch < " " and ch not in "\t\n\r\f") or "\x7f" <= ch <= "\x9f"
+              or ch == "\ufffd" or (ch >= "\u0370" and unicodedata.category(ch) in ("Cn", "Co", "Cs")))
+    return bad / len(text)
+
+
+def _common(ch: str, encoding: str) -> bool:
+    """Whether a CJK character is one of the encoding's common ones: GB2312 for GB18030, Big5's
+    frequently-used block (lead bytes A4-C6) for Big5. Text decoded with the wrong one of the two is
+    mostly rare characters."""
+    try:
+        raw = ch.encode("gb2312" if encoding == "gb18030" else "big5")
+    except UnicodeEncodeError:
+        return False
+    return encoding == "gb18030" or 0xA4 <= raw[0] <= 0xC6
+
+
+def _looks_like(head: bytes, encoding: str) -> bool:
+    try:
+        text = codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    cjk = [ch for ch in text if ch >= "\u2e80"]
+    common = sum(_common(ch, encoding) for ch in cjk) / len(cjk) if cjk else 1.0
+    return _bad_share(text) < _BAD_SHARE and common >= _COMMON_SHARE
+
+
+def _binary(path: Path, why: str) -> BinaryInput:
+    return BinaryInput(f"{path}: looks binary ({why}); give a text file, or set data.encoding if it is text "
+                       "(e.g. utf-16-le)")
+
+
 def detect_encoding(path: Path, override: str | None = None) -> str:
+    """The override; else a BOM; else strict UTF-8; else the first of GB18030 and Big5 whose strict
+    decode looks like text; else charset-normalizer's guess, if that looks like text. Short Chinese
+    files are where charset detection cannot decide, so the Chinese encodings are tried first."""
     if override:
         try:
             codecs.lookup(override)
@@ -110,6 +167,9 @@ def detect_encoding(path: Path, override: str | None = None) -> str:
     for bom, name in _BOMS:
         if head.startswith(bom):
             return name
+    for signature, kind in _SIGNATURES.items():
+        if head.startswith(signature):
+            raise _binary(path, f"starts like a {kind}")
     try:
         codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
         utf8 = True
@@ -117,16 +177,24 @@ def detect_encoding(path: Path, override: str | None = None) -> str:
         utf8 = False
     # Text may hold a stray NUL (dropped like any control character); binary holds many.
     if head.count(0) > (len(head) // 100 if utf8 else 0):
-        raise UserError(f"{path}: looks binary (NUL bytes, no UTF-16 BOM); give a text file, "
-                        "or set data.encoding (e.g. utf-16-le)")
+        raise _binary(path, "NUL bytes, no UTF-16 BOM")
     if utf8:
         return "utf-8"
+    for encoding in ("gb18030", "big5"):
+        if _looks_like(head, encoding):
+            return encoding
+    return _guess(path, head)
+
+
+def _guess(path: Path, head: bytes) -> str:
     from charset_normalizer import from_bytes
 
     best = from_bytes(head).best()
     if best is None:
         raise UserError(f"{path}: binary, or an unknown text encoding; give a text file or set "
                         "data.encoding (e.g. gb18030, big5)")
+    if _bad_share(str(best)) >= _BAD_SHARE:
+        raise _binary(path, f"as {best.encoding} it is mostly control or unassigned characters")
     name = best.encoding.lower().replace("-", "").replace("_", "")
     return "gb18030" if name in _GB_FAMILY else best.encoding
 
@@ -236,15 +304,26 @@ def _read_docx(path: Path) -> str:
 
 def read_blocks(raw_data_path: str, encoding: str | None = None, text_field: str = "text",
                 block_chars: int = BLOCK_CHARS) -> Iterator[Block]:
-    """Every document under raw_data_path as normalised blocks, in a reproducible order."""
-    for path in find_sources(raw_data_path):
+    """Every document under raw_data_path as normalised blocks, in a reproducible order. A binary file
+    among several is skipped with a warning; alone, it is an error."""
+    sources = find_sources(raw_data_path)
+    for path in sources:
         suffix = path.suffix.lower()
         if suffix == ".pdf":
             yield from _blocks(io.StringIO(_read_pdf(path)).read, str(path), block_chars)
-        elif suffix == ".docx":
+            continue
+        if suffix == ".docx":
             yield from _blocks(io.StringIO(_read_docx(path)).read, str(path), block_chars)
-        elif suffix == ".jsonl":
-            yield from _read_jsonl(path, text_field, detect_encoding(path, encoding), block_chars)
+            continue
+        try:
+            detected = detect_encoding(path, encoding)
+        except BinaryInput as err:
+            if len(sources) == 1:
+                raise
+            log.warning("skipped: %s", err)
+            continue
+        if suffix == ".jsonl":
+            yield from _read_jsonl(path, text_field, detected, block_chars)
         else:
-            yield from _read_text(path, detect_encoding(path, encoding), block_chars)
+            yield from _read_text(path, detected, block_chars)
 

@@ -27,23 +27,21 @@ def print_stage(name: str, stats: dict) -> None:
 
 
 def print_summary(cfg: Config) -> None:
-    summary = read_json(cfg.work / "summary.json", {})
-    table = Table(title=f"run summary ({cfg.work / 'summary.json'})", title_justify="left")
+    from shifu.pipeline import STAGES
+
+    summary = read_json(cfg.summary_path, {})
+    table = Table(title=f"run summary ({cfg.summary_path})", title_justify="left")
     table.add_column("stage")
     table.add_column("figures")
-    picks = {
-        "chunk": ["chunks", "chunk_chars", "exact_duplicates", "near_duplicates"],
-        "tasks": ["tasks", "teacher_tasks", "text_tasks"],
-        "teach": ["planned", "done", "cached", "failed", "retried", "prompt_tokens", "completion_tokens", "cost", "flags"],
-        "dataset": ["train_examples", "eval_examples", "by_category", "rejected"],
-        "train": ["steps", "train_loss", "kd_source", "kd_coverage", "seconds"],
-        "merge": ["merged_dir", "max_logit_diff"],
-        "eval": ["before", "after", "loss_change"],
-    }
-    for stage, keys in picks.items():
-        stats = summary.get(stage)
+    for st in STAGES:
+        stats = summary.get(st.name)
         if stats:
-            text = ", ".join(f"{k}={_fmt(stats[k])}" for k in keys if k in stats)
+            text = ", ".join(f"{k}={_fmt(stats[k])}" for k in st.summary if k in stats)
             extra = f" ({stats['stage_seconds']}s)" if "stage_seconds" in stats else " (skipped)"
-            table.add_row(stage, text + extra)
+            table.add_row(st.name, text + extra)
     console.print(table)
+    teach, dataset = summary.get("teach", {}), summary.get("dataset", {})
+    if teach.get("partial") or dataset.get("unanswered"):
+        console.print(f"[yellow]partial teacher run[/]: {dataset.get('unanswered', '?')} teacher tasks had no "
+                      "answer and were left out of the dataset; rerun `shifu teach` to complete it",
+                      highlight=False)

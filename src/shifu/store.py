@@ -12,11 +12,13 @@ Failed requests are stored with their reason and retried on the next run.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
 from pathlib import Path
 
+from shifu.errors import UserError
 from shifu.teacher import Answer
 
 _SCHEMA = """
@@ -36,15 +38,36 @@ CREATE TABLE IF NOT EXISTS answers (
 
 
 class Store:
+    """`with Store(path) as store:` closes it however the block ends."""
+
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute(_SCHEMA)
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(_SCHEMA)
+        except (OSError, sqlite3.OperationalError) as err:
+            raise self.write_error(err) from None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         self.db.close()
+
+    def write_error(self, err: Exception) -> UserError:
+        """A full disk or a read-only folder, as one line that names the store and the fix."""
+        text = str(err)
+        if "full" in text or getattr(err, "errno", None) == errno.ENOSPC:
+            fix = "free some space on that disk (or move work_dir), then rerun: every committed answer is kept"
+        else:
+            fix = "make it writable or set work_dir to a folder you can write, then rerun"
+        return UserError(f"teacher store {self.path}: cannot write ({text}); {fix}")
 
     def get(self, key: str) -> dict | None:
         """The stored answer for a key, or None when it has none yet (never asked, or failed)."""
@@ -70,15 +93,28 @@ class Store:
         now = time.time()
         values = [(key, ans.content, ans.finish_reason, json.dumps(ans.flags), json.dumps(ans.usage), cost,
                    ans.logprobs, attempts, now) for key, ans, cost, attempts in rows]
-        self.db.execute("BEGIN")
         try:
-            self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)", values)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            self.db.execute("BEGIN")
+            try:
+                self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+                                    values)
+                self.db.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back already (a full disk does): a second rollback would
+                # raise "no transaction is active" and hide the real error.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as err:
+            raise self.write_error(err) from None
 
     def put_failed(self, key: str, reason: str, attempts: int) -> None:
+        try:
+            self._put_failed(key, reason, attempts)
+        except sqlite3.OperationalError as err:
+            raise self.write_error(err) from None
+
+    def _put_failed(self, key: str, reason: str, attempts: int) -> None:
         # Never overwrite a good answer with a later failure.
         self.db.execute(
             "INSERT INTO answers (key, status, error, attempts, updated_at) VALUES (?, 'failed', ?, ?, ?) "

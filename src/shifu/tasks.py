@@ -1,4 +1,5 @@
-"""Stage 2: turn chunks into pseudo-prompts (tasks) for the teacher. Pure: no network, no model.
+"""Stage 2: turn chunks into pseudo-prompts (tasks) for the teacher, and each task into the teacher
+requests it takes. Pure: no network, no model.
 
     shifu tasks configs/demo.yaml     # reads chunks.jsonl, writes <work_dir>/tasks.jsonl
 
@@ -25,12 +26,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from pathlib import Path
+from typing import Callable
 
 from shifu.chunk import LEVELS, SENTENCE_END
 from shifu.config import Config, TemplateConfig
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
+from shifu.records import Chunk, StoredAnswer, Task
+from shifu.teacher import Request
 
 TEMPLATES: dict[str, dict[str, TemplateConfig]] = {
     "zh": {
@@ -110,7 +113,7 @@ def split_for_continuation(text: str, target_chars: int) -> tuple[str, str] | No
     return text[:best].strip(), text[best:].strip()
 
 
-def make_tasks(chunks: list[dict], cfg: Config) -> list[dict]:
+def make_tasks(chunks: list[Chunk], cfg: Config) -> list[Task]:
     """Chunk records in, task records out. Each task is either a teacher request or a finished example."""
     kinds = [k for k, on in (("qa", cfg.enable_qa), ("article", cfg.enable_article)) if on]
     kinds += [k for k in cfg.tasks.custom if k not in ("qa", "article", "qa_answer")]
@@ -138,7 +141,7 @@ def make_tasks(chunks: list[dict], cfg: Config) -> list[dict]:
     return tasks
 
 
-def qa_answer_task(task: dict, question: str, cfg: Config) -> tuple[str, str]:
+def qa_answer_task(task: Task, question: str, cfg: Config) -> tuple[str, str]:
     """(instruction, input) of the open-book prompt that answers one proposed question.
 
     The built-in templates keep the instruction fixed and put the question after the chunk, so every
@@ -197,11 +200,46 @@ def parse_questions(content: str, limit: int) -> list[str]:
     raise ValueError("JSON holds no questions" if decoded else "JSON is malformed or cut off")
 
 
+# ---- teacher requests of a task (pure): teach sends them, dataset and estimate look them up ------
+
+REASK = {"zh": "\n\n只输出一个 JSON 对象，不要输出其他内容。", "en": "\n\nOutput a single JSON object and nothing else."}
+
+
+def task_request(task: Task, cfg: Config, reask: bool = False) -> Request:
+    prompt = format_prompt(task["instruction"], task["input"])
+    json_qa = task["parse"] == "json_qa"
+    if reask:
+        prompt += REASK[task["lang"]]
+    return Request.build(cfg.teacher, prompt, json_mode=json_qa, logprobs=not json_qa)
+
+
+def answer_requests(task: Task, questions: list[str], cfg: Config) -> list[tuple[str, Request]]:
+    out = []
+    for q in questions:
+        instruction, input_ = qa_answer_task(task, q, cfg)
+        out.append((q, Request.build(cfg.teacher, format_prompt(instruction, input_))))
+    return out
+
+
+def questions_for(task: Task, cfg: Config, get: Callable[[str], StoredAnswer | None]) -> tuple[list[str] | None, str]:
+    """Questions from the stored proposal, or its re-ask; (None, reason) when neither parses yet."""
+    reason = "no stored proposal"
+    for reask in (False, True):
+        stored = get(task_request(task, cfg, reask).key)
+        if stored is None:
+            return None, reason
+        try:
+            return parse_questions(stored["content"], cfg.tasks.qa_per_chunk), ""
+        except ValueError as err:
+            reason = f"malformed questions: {err}"
+    return None, reason
+
+
 def run_tasks(cfg: Config) -> dict:
-    chunks = list(read_jsonl(cfg.work / "chunks.jsonl"))
+    chunks = list(read_jsonl(cfg.chunks_path))
     tasks = make_tasks(chunks, cfg)
-    write_jsonl(cfg.work / "tasks.jsonl", tasks)
+    write_jsonl(cfg.tasks_path, tasks)
     by_source = {s: sum(t["source"] == s for t in tasks) for s in ("teacher", "text")}
     return {"tasks": len(tasks), "teacher_tasks": by_source["teacher"], "text_tasks": by_source["text"],
             "chunks_without_task": len(chunks) - len({t["chunk_id"] for t in tasks}),
-            "path": str(Path(cfg.work / "tasks.jsonl"))}
+            "path": str(cfg.tasks_path)}

@@ -26,48 +26,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from shifu.config import Config
-from shifu.errors import TeacherError, UserError
+from shifu.config import Config, Price
+from shifu.errors import TeacherError
 from shifu.files import read_jsonl
+from shifu.records import StoredAnswer, Task
 from shifu.store import Store
-from shifu.tasks import format_prompt, parse_questions, qa_answer_task
-from shifu.teacher import Request, Retryable, is_local, make_client, price_of
+from shifu.tasks import answer_requests, parse_questions, task_request
+from shifu.teacher import Answer, Request, Retryable, is_local, make_client, price_of
 
 log = logging.getLogger("shifu")
-
-REASK = {"zh": "\n\n只输出一个 JSON 对象，不要输出其他内容。", "en": "\n\nOutput a single JSON object and nothing else."}
-
-
-# ---- planning (pure) ----------------------------------------------------------------------------
-
-def task_request(task: dict, cfg: Config, reask: bool = False) -> Request:
-    prompt = format_prompt(task["instruction"], task["input"])
-    json_qa = task["parse"] == "json_qa"
-    if reask:
-        prompt += REASK[task["lang"]]
-    return Request.build(cfg.teacher, prompt, json_mode=json_qa, logprobs=not json_qa)
-
-
-def answer_requests(task: dict, questions: list[str], cfg: Config) -> list[tuple[str, Request]]:
-    out = []
-    for q in questions:
-        instruction, input_ = qa_answer_task(task, q, cfg)
-        out.append((q, Request.build(cfg.teacher, format_prompt(instruction, input_))))
-    return out
-
-
-def questions_for(task: dict, cfg: Config, get: Callable[[str], dict | None]) -> tuple[list[str] | None, str]:
-    """Questions from the stored proposal, or its re-ask; (None, reason) when neither parses yet."""
-    reason = "no stored proposal"
-    for reask in (False, True):
-        stored = get(task_request(task, cfg, reask).key)
-        if stored is None:
-            return None, reason
-        try:
-            return parse_questions(stored["content"], cfg.tasks.qa_per_chunk), ""
-        except ValueError as err:
-            reason = f"malformed questions: {err}"
-    return None, reason
 
 
 # ---- limits -------------------------------------------------------------------------------------
@@ -109,6 +76,84 @@ class RateLimiter:
             self.level["tok"] -= actual - estimated
 
 
+# Worst-case prompt size for the budget: the character heuristic can undercount code, digits and
+# the chat template the server wraps around the prompt, so reserve half as much again, plus a bit.
+PROMPT_MARGIN, PROMPT_OVERHEAD = 1.5, 16
+
+
+class Budget:
+    """`max_cost`: no request starts that could take the spend (stored + in flight) over budget.
+    Each request in flight holds its worst-case cost until its real cost is known."""
+
+    def __init__(self, max_cost: float | None, price: Price | None, peak_pricing: bool, max_tokens: int,
+                 spent: float):
+        self.max_cost, self.price, self.peak_pricing, self.max_tokens = max_cost, price, peak_pricing, max_tokens
+        self.enabled = max_cost is not None and price is not None
+        self.spent = spent
+        self.reserved, self.reservations = 0.0, 0
+        self.changed = asyncio.Condition()
+
+    def worst_cost(self, req: Request) -> float:
+        prompt = int(req.est_prompt_tokens * PROMPT_MARGIN) + PROMPT_OVERHEAD
+        usage = {"prompt_tokens": prompt, "completion_tokens": self.max_tokens}
+        return price_of(usage, self.price, self.peak_pricing) or 0.0
+
+    async def reserve(self, req: Request, stopping: asyncio.Event) -> bool:
+        """Hold the request's worst case. While other requests are in flight, wait for them: they
+        usually cost far less than reserved, which may leave room for this one. False: no room."""
+        if not self.enabled:
+            return True
+        worst = self.worst_cost(req)
+        async with self.changed:
+            while self.spent + self.reserved + worst > self.max_cost:
+                if self.reservations == 0 or stopping.is_set():
+                    return False
+                await self.changed.wait()
+            self.reserved += worst
+            self.reservations += 1
+        return True
+
+    async def release(self, req: Request) -> None:
+        if not self.enabled:
+            return
+        async with self.changed:
+            self.reserved -= self.worst_cost(req)
+            self.reservations -= 1
+            self.changed.notify_all()
+
+
+class GroupCommit:
+    """Answers that arrive in the same turn of the event loop share one SQLite transaction, flushed
+    on the next turn; each caller resumes only once its answer is on disk. At hundreds of answers a
+    second this halves the store's cost; alone, an answer waits for nothing, so durability is
+    unchanged: what is not yet committed is lost like a request in flight."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.pending: list[tuple] = []
+
+    async def commit(self, key: str, ans: Answer, cost: float | None, attempts: int) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.pending.append((key, ans, cost, attempts, done))
+        if len(self.pending) == 1:
+            loop.call_soon(self._flush)
+        await done
+
+    def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        try:
+            self.store.put_ok_many([row[:4] for row in batch])
+        except Exception as err:  # a full disk: every caller of this batch fails, and so does the run
+            for row in batch:
+                if not row[4].done():  # a caller cancelled meanwhile has no one to tell
+                    row[4].set_exception(err)
+            return
+        for row in batch:
+            if not row[4].done():
+                row[4].set_result(None)
+
+
 @dataclass
 class Stats:
     planned: int = 0
@@ -133,10 +178,6 @@ class Stats:
 
 # ---- the runner ---------------------------------------------------------------------------------
 
-# Worst-case prompt size for the budget: the character heuristic can undercount code, digits and
-# the chat template the server wraps around the prompt, so reserve half as much again, plus a bit.
-PROMPT_MARGIN, PROMPT_OVERHEAD = 1.5, 16
-
 
 class Runner:
     """Sends queued requests with `max_concurrency` workers; `add` may be called while it runs."""
@@ -146,18 +187,15 @@ class Runner:
         self.stats = Stats()
         self.on_progress = on_progress
         self.limiter = RateLimiter(self.tc.requests_per_minute, self.tc.tokens_per_minute)
-        self.price = self.tc.prices.get(self.tc.model) if self.tc.kind == "openai" else None
-        if self.tc.max_cost is not None and self.tc.kind == "openai" and self.price is None:
-            # Without a price nothing can be counted, and a budget that is silently ignored is worse than none.
-            raise UserError(f"teacher.max_cost is set but teacher.prices has no entry for teacher.model "
-                            f"'{self.tc.model}'; add its prices (input_cache_hit, input_cache_miss, output per "
-                            f"million tokens) under teacher.prices.{self.tc.model}")
-        if self.price is None and self.tc.kind == "openai" and not is_local(self.tc.base_url):
+        price = self.tc.prices.get(self.tc.model) if self.tc.kind == "openai" else None
+        if price is None and self.tc.kind == "openai" and not is_local(self.tc.base_url):
             log.warning("teacher.prices has no entry for '%s': costs are not counted; add one to see them",
                         self.tc.model)
-        self.spent = store.totals()["stored_cost"]
-        self.reserved, self.reservations = 0.0, 0  # worst-case cost of the requests in flight
-        self.budget = asyncio.Condition()
+        self.price = price
+        # max_cost without a price is refused with the config (shifu.config), before any stage runs.
+        self.budget = Budget(self.tc.max_cost, price, self.tc.peak_pricing, self.tc.max_tokens,
+                             store.totals()["stored_cost"])
+        self.commits = GroupCommit(store)
         self.fatal: TeacherError | None = None
         self.stopping = asyncio.Event()  # fatal error or unreachable server: nothing new is sent, backoffs end
         self.unreachable_streak = 0
@@ -166,7 +204,6 @@ class Runner:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.seen: set[str] = set()
         self.stored = store.ok_keys()  # one query up front instead of a lookup per new request
-        self.pending: list[tuple] = []  # answers waiting for the next group commit
 
     def add(self, req: Request, then: Callable[[dict], None] | None = None) -> None:
         if req.key not in self.seen:
@@ -206,8 +243,11 @@ class Runner:
                 stored = self.store.get(req.key) if req.key in self.stored else None
                 if stored is not None:
                     self.stats.cached += 1
-                elif self.stopping.is_set() or not await self._reserve(req):
+                elif self.stopping.is_set():
                     self.stats.unsent += 1
+                elif not await self.budget.reserve(req, self.stopping):
+                    self.stats.unsent += 1
+                    self.stats.budget_stopped = True
                 else:
                     stored = await self._send(req)
                 if stored is not None and then is not None:
@@ -215,36 +255,6 @@ class Runner:
             finally:
                 self.on_progress(self.stats)
                 self.queue.task_done()
-
-    def _worst_cost(self, req: Request) -> float:
-        prompt = int(req.est_prompt_tokens * PROMPT_MARGIN) + PROMPT_OVERHEAD
-        usage = {"prompt_tokens": prompt, "completion_tokens": self.tc.max_tokens}
-        return price_of(usage, self.price, self.tc.peak_pricing) or 0.0
-
-    def _budgeted(self) -> bool:
-        return self.tc.max_cost is not None and self.price is not None
-
-    async def _reserve(self, req: Request) -> bool:
-        """Hold the request's worst-case cost against max_cost. While other requests are in flight,
-        wait for them: they usually cost far less than reserved, which may leave room for this one."""
-        if not self._budgeted():
-            return True
-        worst = self._worst_cost(req)
-        async with self.budget:
-            while self.spent + self.reserved + worst > self.tc.max_cost:
-                if self.reservations == 0 or self.stopping.is_set():
-                    self.stats.budget_stopped = True
-                    return False
-                await self.budget.wait()
-            self.reserved += worst
-            self.reservations += 1
-        return True
-
-    async def _release(self, req: Request) -> None:
-        async with self.budget:
-            self.reserved -= self._worst_cost(req)
-            self.reservations -= 1
-            self.budget.notify_all()
 
     def _stop(self, err: TeacherError) -> None:
         self.fatal = self.fatal or err
@@ -269,6 +279,8 @@ class Runner:
                 except Retryable as err:
                     reason, unreachable = err.reason, err.unreachable
                     self.stats.retry_reasons[err.reason.split(" (")[0]] += 1
+                    if err.answer is not None and attempts == self.tc.max_attempts:
+                        return await self._save(req, err.answer, attempts, est)  # blank every time: record it
                     if attempts < self.tc.max_attempts:
                         self.stats.retried += 1
                         await self._pause(self._backoff(attempts, err.retry_after))
@@ -279,8 +291,7 @@ class Runner:
                     break
                 return await self._save(req, ans, attempts, est)
         finally:
-            if self._budgeted():
-                await self._release(req)
+            await self.budget.release(req)
         self.store.put_failed(req.key, reason or "not attempted", attempts)
         self.stats.failed += 1
         self.stats.failures[reason.split(" (")[0]] += 1
@@ -299,34 +310,9 @@ class Runner:
         delay = min(self.tc.backoff_max_s, random.uniform(0, self.tc.backoff_base_s * 2 ** (attempt - 1)))
         return max(delay, retry_after or 0.0)
 
-    async def _commit(self, key: str, ans, cost: float | None, attempts: int) -> None:
-        """Group commit: answers that arrive in the same turn of the event loop share one SQLite
-        transaction, flushed on the next turn; each caller resumes only once its answer is on disk.
-        At hundreds of answers a second this halves the store's cost; alone, an answer waits for
-        nothing, so durability is unchanged: what is not yet committed is lost like a request in flight."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self.pending.append((key, ans, cost, attempts, done))
-        if len(self.pending) == 1:
-            loop.call_soon(self._flush)
-        await done
-
-    def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        try:
-            self.store.put_ok_many([row[:4] for row in batch])
-        except Exception as err:  # a full disk: every caller of this batch fails, and so does the run
-            for row in batch:
-                if not row[4].done():  # a caller cancelled meanwhile has no one to tell
-                    row[4].set_exception(err)
-            return
-        for row in batch:
-            if not row[4].done():
-                row[4].set_result(None)
-
     async def _save(self, req: Request, ans, attempts: int, est: int) -> dict:
         cost = price_of(ans.usage, self.price, self.tc.peak_pricing)
-        await self._commit(req.key, ans, cost, attempts)  # committed before it counts anywhere
+        await self.commits.commit(req.key, ans, cost, attempts)  # committed before it counts anywhere
         self.unreachable_streak = 0
         s, u = self.stats, ans.usage
         s.done += 1
@@ -335,7 +321,7 @@ class Runner:
         s.cache_hit_tokens += int(u.get("prompt_cache_hit_tokens", 0))
         s.cache_miss_tokens += int(u.get("prompt_cache_miss_tokens", 0))
         s.cost += cost or 0.0
-        self.spent += cost or 0.0
+        self.budget.spent += cost or 0.0
         s.flags.update(ans.flags)
         self.limiter.correct(est, int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0)))
         if req.params.get("top_logprobs") and ans.logprobs is None and ans.content.strip():
@@ -373,35 +359,49 @@ def schedule(runner: Runner, tasks: list[dict], cfg: Config) -> None:
         runner.add(task_request(task, cfg), on_questions)
 
 
-async def teach_async(cfg: Config, tasks: list[dict], on_progress=lambda s: None) -> Stats:
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
+async def teach_async(cfg: Config, tasks: list[Task], on_progress=lambda s: None) -> Stats:
+    with Store(cfg.store_path) as store:
         async with make_client(cfg.teacher) as client:
             runner = Runner(cfg, client, store, on_progress)
             schedule(runner, tasks, cfg)
             return await runner.run()
-    finally:
-        store.close()
+
+
+def _incomplete(stats: Stats, cfg: Config) -> str:
+    """Why the run is not complete, as the one line that ends it; '' when it is."""
+    if stats.failed == 0 and stats.unsent == 0:
+        return ""
+    parts = []
+    if stats.failed:
+        parts.append(f"{stats.failed} teacher requests failed "
+                     f"({', '.join(f'{k}: {v}' for k, v in stats.failures.items())}); rerun to retry them")
+    if stats.budget_stopped:
+        parts.append(f"teacher.max_cost={cfg.teacher.max_cost} reached with {stats.unsent} requests not sent; "
+                     "raise it and rerun to continue")
+    elif stats.unsent:
+        parts.append(f"{stats.unsent} requests not sent; rerun to send them")
+    return "; ".join(parts)
 
 
 def run_teach(cfg: Config) -> dict:
     from shifu.progress import teacher_progress
 
-    tasks = list(read_jsonl(cfg.work / "tasks.jsonl"))
+    tasks = list(read_jsonl(cfg.tasks_path))
     n_teacher = sum(t["source"] == "teacher" for t in tasks)
     n_qa = sum(t["source"] == "teacher" and t["parse"] == "json_qa" for t in tasks)
     expected = n_teacher + n_qa * cfg.tasks.qa_per_chunk
     t0 = time.time()
+    if not n_teacher:
+        Store(cfg.store_path).close()  # an empty store: the stage ran, later stages find its output
     with teacher_progress(expected, cfg) as on_progress:
         stats = asyncio.run(teach_async(cfg, tasks, on_progress)) if n_teacher else Stats()
     out = {k: v for k, v in vars(stats).items() if not isinstance(v, Counter)}
+    incomplete = _incomplete(stats, cfg)
     out.update(flags=dict(stats.flags), failures=dict(stats.failures), retry_reasons=dict(stats.retry_reasons),
-               seconds=round(time.time() - t0, 2), complete=stats.failed == 0 and stats.unsent == 0)
+               seconds=round(time.time() - t0, 2), complete=not incomplete, partial=bool(incomplete))
     out["cost"] = round(stats.cost, 6)
-    if stats.failed:
-        log.warning("%d teacher requests failed (%s); rerun the same command to retry them",
-                    stats.failed, ", ".join(f"{k}: {v}" for k, v in stats.failures.items()))
-    if stats.budget_stopped:
-        log.warning("teacher.max_cost=%s reached: %d requests were not sent; raise it and rerun to continue",
-                    cfg.teacher.max_cost, stats.unsent)
+    if incomplete and cfg.teacher.allow_partial:
+        log.warning("partial teacher run accepted (teacher.allow_partial): %s", incomplete)
+    elif incomplete:  # the pipeline records the figures, then stops with this line
+        out["incomplete"] = incomplete + " (or set teacher.allow_partial: true to go on with the answers stored)"
     return out

@@ -5,8 +5,9 @@
 
 `OpenAIClient` speaks to any OpenAI-compatible /chat/completions server (DeepSeek, vLLM,
 llama.cpp) over aiohttp, one attempt per call; it raises `Retryable` for what a retry may fix
-(429, 5xx, timeouts, resets, truncated or invalid bodies, blank JSON-mode answers) and
-`TeacherError` for what it cannot (400, 401, 402, 403, 404, 422), with a line that says what to do.
+(429, 5xx, timeouts, resets, truncated or invalid bodies, blank answers) and `TeacherError` for what
+it cannot (400, 401, 402, 403, 404, 422; 405, 501 or a 2xx that is not a chat completion: a wrong
+base_url), with a line that says what to do.
 `LocalClient` generates in-process with a Hugging Face model, batching concurrent calls.
 Retries, rate limits, budgets and storage live in `shifu.teach`; this module only talks.
 Top-k logprobs are packed compactly (`pack_logprobs`): token bytes and float32 values, zlib'd.
@@ -67,11 +68,13 @@ class Answer:
 
 class Retryable(Exception):
     """A failure a retry may fix. `unreachable`: no connection could be made at all (refused, DNS),
-    which the runner treats as a wrong base_url or a server that is down once it persists."""
+    which the runner treats as a wrong base_url or a server that is down once it persists.
+    `answer`: what came back (a blank answer), to be stored as final once the attempts are spent."""
 
-    def __init__(self, reason: str, retry_after: float | None = None, unreachable: bool = False):
+    def __init__(self, reason: str, retry_after: float | None = None, unreachable: bool = False,
+                 answer: "Answer | None" = None):
         super().__init__(reason)
-        self.reason, self.retry_after, self.unreachable = reason, retry_after, unreachable
+        self.reason, self.retry_after, self.unreachable, self.answer = reason, retry_after, unreachable, answer
 
 
 def estimate_tokens(text: str) -> int:
@@ -170,12 +173,17 @@ def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float |
 # ---- OpenAI-compatible HTTP ---------------------------------------------------------------------
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_WRONG_API = ("teacher.base_url ({url}) is not an OpenAI-compatible server: it does not answer POST "
+              "<base_url>/chat/completions; set it to the server's API root, e.g. http://host:8000/v1")
 _FATAL_HINT = {
     400: "the server rejected the request as malformed; check teacher.extra_body, teacher.max_tokens and the prompt length",
     401: "authentication failed; check the key in the environment variable named by teacher.api_key_env ({env})",
     402: "insufficient balance; top up your account",
     403: "forbidden; the key may lack access to teacher.model or the region is blocked",
-    404: "not found; check teacher.base_url ({url}) and teacher.model ({model})",
+    404: ("not found; teacher.base_url ({url}) may not be an OpenAI-compatible API root (e.g. http://host:8000/v1), "
+          "or teacher.model ({model}) is unknown there"),
+    405: _WRONG_API,
+    501: _WRONG_API,
     422: "invalid parameters; check teacher.temperature, teacher.top_p, teacher.top_logprobs and teacher.extra_body",
 }
 
@@ -254,17 +262,35 @@ class OpenAIClient:
             async with self.session.post(self.url, json=payload) as resp:
                 text = await resp.text()
                 status, retry_after = resp.status, _retry_after(resp.headers.get("Retry-After"))
+                content_type = resp.headers.get("Content-Type", "").lower()
         except asyncio.TimeoutError:
             raise Retryable("timeout") from None
         except aiohttp.ClientConnectorError as err:
             raise Retryable(f"cannot connect to {self.tc.base_url} ({type(err).__name__})", unreachable=True) from None
         except (aiohttp.ClientError, ConnectionError) as err:
             raise Retryable(f"connection error ({type(err).__name__})") from None
-        if status in _RETRY_STATUS or status >= 500:
+        if status in _RETRY_STATUS or (status >= 500 and status != 501):
             raise Retryable(f"HTTP {status}", retry_after)
         if status >= 400:
             raise self._fatal(status, text)
-        return self._answer(parse_body(text), req)
+        return self._answer(self._body(text, content_type), req)
+
+    def _body(self, text: str, content_type: str) -> dict:
+        """A chat-completions body; a 2xx that is not one (a web page, another API's JSON) means a
+        wrong base_url, while a JSON body torn in transit, or a proxy's page sent as JSON, is retried."""
+        try:
+            body = parse_body(text)
+        except Retryable:
+            if "json" in content_type or text.lstrip()[:1] in ("{", "["):
+                raise
+            raise self._not_chat(f"a {content_type or 'non-JSON'} page") from None
+        if "choices" not in body and "error" not in body:
+            raise self._not_chat(f"JSON without choices (keys: {', '.join(list(body)[:5])})")
+        return body
+
+    def _not_chat(self, what: str) -> TeacherError:
+        hint = _WRONG_API.format(url=self.tc.base_url)
+        return TeacherError(f"teacher answered {what} instead of a chat completion: {hint}")
 
     def _answer(self, body: dict, req: Request) -> Answer:
         try:
@@ -274,7 +300,7 @@ class OpenAIClient:
             raise Retryable("response has no choices[0].message") from None
         content = message.get("content") or ""
         finish = choice.get("finish_reason") or "stop"
-        if not content.strip() and "response_format" in req.params and finish != "length":
+        if not content.strip() and finish != "length" and "response_format" in req.params:
             raise Retryable("blank content in JSON mode")
         # An empty list is a real answer for an empty completion; only a missing list means "none".
         packed = None
@@ -286,7 +312,10 @@ class OpenAIClient:
             except (TypeError, ValueError, AttributeError):  # malformed logprobs: keep the answer, drop them
                 packed = None
         usage = {k: v for k, v in (body.get("usage") or {}).items() if isinstance(v, (int, float))}
-        return Answer(content, finish, usage, packed, answer_flags(content, finish, message.get("refusal")))
+        answer = Answer(content, finish, usage, packed, answer_flags(content, finish, message.get("refusal")))
+        if not content.strip() and finish != "length":  # blank: usually a server hiccup, so ask again
+            raise Retryable("blank content", answer=answer)
+        return answer
 
 
 # ---- in-process Hugging Face teacher ------------------------------------------------------------
@@ -300,10 +329,14 @@ class LocalClient:
         self.worker: asyncio.Task | None = None
 
     async def __aenter__(self) -> "LocalClient":
+        from shifu.device import placement
         from shifu.models import load_causal_lm, load_tokenizer
 
         self.tok = load_tokenizer(self.tc.model, self.tc.trust_remote_code, padding_side="left")
-        self.model = load_causal_lm(self.tc.model, self.tc.trust_remote_code).eval()
+        # shifu.device's rule: bf16 (or fp16) on this process's GPU, fp32 on CPU
+        where = placement("auto")
+        device_map = where.device_map if where.device.type == "cuda" else None
+        self.model = load_causal_lm(self.tc.model, self.tc.trust_remote_code, where.dtype, device_map=device_map).eval()
         self.queue = asyncio.Queue()
         self.worker = asyncio.create_task(self._serve())
         return self
