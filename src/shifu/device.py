@@ -69,3 +69,14 @@ def placement(precision: str = "auto") -> Placement:
     device = local_device()
     cuda = device.type == "cuda"
     return Placement(device, choose_dtype(precision, cuda, cuda and torch.cuda.is_bf16_supported()))
+
+
+def merge_placement(precision: str, stored: torch.dtype) -> Placement:
+    """Where a merge runs: the rule's device, and the dtype the weights are stored in when that is half
+    precision, even on CPU, where the rule would say fp32: upcasting a 7B bf16 model for a merge
+    takes 30 GB of RAM instead of 15, and the result is saved in the stored dtype anyway."""
+    where = placement(precision)
+    half = stored in (torch.bfloat16, torch.float16)
+    if precision == "fp32" or not half or (stored == torch.float16 and where.device.type == "cpu"):
+        return where  # fp16 matmuls on CPU are slow and lossy: merge those in the rule's dtype
+    return Placement(where.device, stored)

@@ -8,8 +8,11 @@ tokens, and the price from `teacher.prices` at off-peak and peak rates, treating
 token as a cache miss (the upper bound). Requests whose answers are already stored are left out,
 so the estimate of a resumed run is what is left to pay.
 Training: expected GPU memory for the configured student, LoRA, batch and max_length, broken
-down into weights, adapter with its gradients and optimizer state, activations and logits.
-The student is built on the meta device from its config, so no weights are loaded.
+down into weights (by dtype), adapter with its gradients and optimizer state, activations (with
+and without gradient checkpointing) and the output head. The student is built on the meta device
+from its config in the dtype training loads (shifu.device), so no weights are read; the configs
+of the shipped configs' students come with shifu (shifu/model_configs/), so this works offline.
+`shifu estimate CONFIG --json` prints the same as one JSON object.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ QUESTION_TOKENS = 40  # a proposed question, as observed with DeepSeek and Qwen 
 
 
 def _counter(cfg: Config):
-    try:
-        from shifu.models import load_tokenizer
+    from shifu.models import hub_reachable, is_local, load_tokenizer
 
+    if not is_local(cfg.model_name) and not hub_reachable():  # the hub client would retry for a minute
+        return estimate_tokens, "heuristic (no hub, no local student folder): 1 token per CJK character, 4 other characters per token"
+    try:
         tok = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
         return (lambda s: len(tok(s, add_special_tokens=False)["input_ids"])), f"student tokenizer ({cfg.model_name})"
     except Exception:  # offline hub name, missing folder: fall back, and say so
@@ -97,45 +102,155 @@ def _peak_time() -> float:
     return calendar.timegm((2026, 1, 5, 2, 0, 0))  # a Monday, 02:00 UTC: inside DeepSeek's peak window
 
 
-def memory_estimate(cfg: Config) -> dict:
-    """Expected peak GPU memory of one training process, in GiB, by part."""
+def training_dtype(cfg: Config):
+    """The dtype training will load the base in (shifu.device's rule), for the GPU it will run on:
+    this one if it has one, else a bf16-capable GPU."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shifu.device import choose_dtype
+
+    bf16_ok = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+    return choose_dtype(cfg.train.precision, True, bf16_ok)
+
+
+def nf4_bytes(numel: int) -> float:
+    """bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit scale per 64 weights,
+    an fp32 scale (and offset) per 256 of those."""
+    return numel / 2 + numel / 64 + numel / (64 * 256) * 8
+
+
+def weight_bytes(model, quantized: bool) -> dict[str, float]:
+    """Bytes of the base weights by dtype, as loading puts them: with 4-bit, every linear layer but the
+    output head in NF4 (as transformers' bitsandbytes integration converts them), the rest as loaded."""
+    import torch
+
+    head = model.get_output_embeddings()
+    nf4 = {id(m.weight) for m in model.modules()
+           if quantized and isinstance(m, torch.nn.Linear) and m is not head}
+    out: dict[str, float] = {}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        key, size = ("nf4", nf4_bytes(p.numel())) if id(p) in nf4 else (str(p.dtype).replace("torch.", ""),
+                                                                         p.numel() * p.element_size())
+        out[key] = out.get(key, 0) + size
+    return out
+
+
+def lora_targets(mcfg, targets):
+    """target_modules in the names of the model built here (a shipped layout may rename them)."""
+    names = getattr(mcfg, "shifu_module_names", None) or {}
+    if targets == "all-linear" or not names:
+        return targets
+    return sorted({n for t in targets for n in names.get(t, [t])})
+
+
+def _flash_like_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """What a GPU's fused attention saves for backward (q, k, v, output, log-sum-exp), on the meta
+    device, where PyTorch's sdpa would fall back to its math kernel and save the whole score matrix."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = query.shape[1] // key.shape[1]
+    out = torch.ops.aten._scaled_dot_product_flash_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), 0.0, True, False, scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def layer_copy_facts(mcfg, dtype, layers: int, lora, batch: int, length: int) -> tuple[int, int]:
+    """(activation bytes, LoRA parameters) of a `layers`-layer copy of the model.
+
+    Activation bytes: what autograd keeps for the backward pass of a `layers`-layer copy of the model with its LoRA
+    adapters, measured on the meta device: the real code path (peft's fp32 casts, dropout masks,
+    RMSNorm's upcasts) with no memory and no compute. Frozen weights saved for backward are not counted."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AttentionInterface
+
+    from shifu.models import meta_causal_lm
+
+    AttentionInterface.register("shifu_meta_fused", _flash_like_attention)
+    small = copy.deepcopy(mcfg)
+    small.num_hidden_layers = layers
+    if hasattr(small, "layer_types") and small.layer_types:
+        small.layer_types = small.layer_types[:layers]
+    small._attn_implementation = "shifu_meta_fused"
+    model = get_peft_model(meta_causal_lm(small, dtype), copy.deepcopy(lora))
+    model.train()
+    params = {id(p) for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        base = t
+        while base._base is not None:
+            base = base._base
+        if id(base) not in params:
+            kept[id(base)] = max(kept.get(id(base), 0), t.numel() * t.element_size())
+        return t
+
+    ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, logits_to_keep=1, use_cache=False)
+    return sum(kept.values()), sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def memory_estimate(cfg: Config) -> dict:
+    """Expected peak GPU memory of one training process, in GiB, by part.
+
+    Weights: the student built on the meta device from its config in the dtype training loads
+    (shifu.device's rule), the same shapes and dtypes as `load_student`, counted by dtype.
+    Adapter: peft's own LoRA layers on a 1- and 2-layer copy of that model, scaled to all layers, fp32 weights, gradients and AdamW's two moments.
+    Activations: what autograd saves, measured on a 1- and a 2-layer copy (the difference is one
+    layer), for batch_size rows of max_length tokens; with gradient checkpointing each layer keeps
+    only its input, and one layer at a time is recomputed. Output head: one chunk of answer positions
+    (shifu.losses.LOGIT_CHUNK) of full-vocabulary logits, in fp32, with its log-softmax and gradient."""
+    from peft import LoraConfig
+
+    from shifu.errors import UserError
+    from shifu.losses import LOGIT_CHUNK
+    from shifu.models import meta_causal_lm, student_config
 
     try:
-        mcfg = AutoConfig.from_pretrained(cfg.model_name, trust_remote_code=cfg.trust_remote_code)
-    except Exception as err:
-        return {"note": f"student config not available ({type(err).__name__}); give a local folder for model_name"}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
-    n_params = sum(p.numel() for p in model.parameters())
-    head = model.get_output_embeddings()
-    targets = cfg.lora.target_modules
-    lora = 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head and (
-                targets == "all-linear" or name.split(".")[-1] in targets):
-            lora += cfg.lora.r * (mod.in_features + mod.out_features)
-    cuda_bf16 = cfg.train.precision in ("auto", "bf16")
-    act_bytes = 2 if cfg.train.precision != "fp32" else 4
-    if cfg.train.quantization == "4bit":
-        head_params = head.weight.numel() if head is not None else 0
-        weights = (n_params - head_params) * 0.53 + head_params * 2
-    else:
-        weights = n_params * (2 if cuda_bf16 or cfg.train.precision == "fp16" else 4)
-    h = mcfg.hidden_size
-    inter = getattr(mcfg, "intermediate_size", 4 * h)
-    layers = mcfg.num_hidden_layers
-    tokens = cfg.batch_size * cfg.max_length
-    per_layer = tokens * (10 * h + 3 * inter) * act_bytes
-    acts = layers * tokens * h * act_bytes + per_layer if cfg.gradient_checkpointing else layers * per_layer
-    vocab = mcfg.vocab_size
-    logits = (tokens // 2) * vocab * 4 * 3  # answer positions only: fp32 logits, log-softmax, gradient
-    parts = {"weights": weights, "lora_adapter_grads_optimizer": lora * 16, "activations": acts,
-             "logits": logits, "cuda_context_and_workspace": 0.75 * GiB}
+        mcfg = student_config(cfg.model_name, cfg.trust_remote_code)
+    except UserError as err:
+        return {"note": str(err)}
+    dtype = training_dtype(cfg)
+    quantized = cfg.train.quantization == "4bit"
+    model = meta_causal_lm(mcfg, dtype, cfg.trust_remote_code)
+    by_dtype = weight_bytes(model, quantized)
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=lora_targets(mcfg, cfg.lora.target_modules), task_type="CAUSAL_LM")
+    b, n = cfg.batch_size, cfg.max_length
+    layers, width = mcfg.num_hidden_layers, mcfg.hidden_size
+    # peft on a whole 7B meta model takes seconds; a 1- and a 2-layer copy tell the same exactly
+    one, lora_one = layer_copy_facts(mcfg, dtype, 1, lora, b, n)
+    two, lora_two = layer_copy_facts(mcfg, dtype, 2, lora, b, n)
+    per_layer, outside = two - one, 2 * one - two  # outside the layers: embeddings, final norm
+    lora_params = lora_one + (layers - 1) * (lora_two - lora_one)
+    size = dtype.itemsize if hasattr(dtype, "itemsize") else 2
+    full = layers * per_layer + outside
+    ckpt = layers * b * n * width * size + per_layer + outside
+    # backward: gradients of one layer's activations exist alongside its saved ones
+    acts = (ckpt if cfg.gradient_checkpointing else full) + per_layer
+    chunk = min(LOGIT_CHUNK, b * n)
+    head = chunk * mcfg.vocab_size * (size + 4 * 3) + b * n * width * size
+    parts = {"weights": sum(by_dtype.values()), "lora_adapter_grads_optimizer": lora_params * 16,
+             "activations": acts, "output_head_and_loss": head, "cuda_context_and_workspace": 0.75 * GiB}
     out = {k: round(v / GiB, 2) for k, v in parts.items()}
-    out.update(total=round(sum(parts.values()) / GiB, 1), params=f"{n_params / 1e9:.2f}B",
-               lora_params=f"{lora / 1e6:.1f}M", tokens_per_micro_batch=tokens)
+    out.update(total=round(sum(parts.values()) / GiB, 1), dtype=str(dtype).replace("torch.", ""),
+               weights_gib_by_dtype={k: round(v / GiB, 2) for k, v in by_dtype.items()},
+               weight_bytes_by_dtype={k: int(v) for k, v in by_dtype.items()},
+               activations_with_checkpointing=round((ckpt + per_layer) / GiB, 2),
+               activations_without_checkpointing=round((full + per_layer) / GiB, 2),
+               params=f"{n_params / 1e9:.2f}B", lora_params=f"{lora_params / 1e6:.1f}M",
+               tokens_per_micro_batch=b * n)
+    if getattr(mcfg, "shifu_module_names", None) is not None:
+        out["config_from"] = "shipped with shifu (offline)"
     return out
 
 
@@ -151,3 +266,10 @@ def print_estimate(est: dict) -> None:
             shown = f"{value:,.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)
             table.add_row(key, shown)
         console.print(table)
+
+
+def print_estimate_json(est: dict) -> None:
+    import json
+    import sys
+
+    sys.stdout.write(json.dumps(est, ensure_ascii=False, indent=1, default=str) + "\n")

@@ -21,7 +21,7 @@ from shifu.align import TargetWriter, Targets, align, student_vocab
 from shifu.config import Config
 from shifu.encode import Encoded
 from shifu.errors import UserError
-from shifu.files import atomic_dir, hash_obj, read_jsonl
+from shifu.files import atomic_dir, build_lock, hash_obj, read_jsonl
 from shifu.models import token_bytes_table
 
 log = logging.getLogger("shifu")
@@ -67,8 +67,7 @@ def _build_from_api(cfg: Config, tok, examples: list[dict], enc: Encoded, writer
 
 
 def _build_from_local(cfg: Config, tok, enc: Encoded, writer: TargetWriter) -> None:
-    import torch
-
+    from shifu.device import placement
     from shifu.models import load_causal_lm, load_tokenizer
 
     name = cfg.distill.local_teacher
@@ -76,20 +75,69 @@ def _build_from_local(cfg: Config, tok, enc: Encoded, writer: TargetWriter) -> N
     if teacher_tok.get_vocab() != tok.get_vocab():
         raise UserError(f"distill.local_teacher {name!r} has a different tokenizer from the student; "
                         "a white-box teacher must share it (use distill.source=api for other teachers)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    teacher = load_causal_lm(name, cfg.teacher.trust_remote_code, dtype).to(device).eval()
-    k = writer.width
-    with torch.no_grad():
-        for i, ids in enumerate(enc.input_ids):
-            start = int(enc.answer_start[i])
-            keep = torch.zeros(1, len(ids), dtype=torch.bool)
-            keep[0, start - 1:len(ids) - 1] = True  # positions that predict the answer tokens
-            x = torch.as_tensor(ids, dtype=torch.long, device=device)[None]
-            logits = teacher(input_ids=x, logits_to_keep=keep.to(device)).logits.reshape(keep.sum(), -1)
-            top = torch.log_softmax(logits.float(), -1).topk(k, -1)
-            writer.add(i, top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy())
+    where = placement(cfg.train.precision)  # the teacher in the student's dtype, on this process's GPU
+    device_map = where.device_map if where.device.type == "cuda" else None
+    teacher = load_causal_lm(name, cfg.teacher.trust_remote_code, where.dtype, device_map=device_map).eval()
+    budget = LOCAL_BATCH_TOKENS if where.device.type == "cuda" else LOCAL_BATCH_TOKENS // 8
+    for batch in length_batches([len(x) for x in enc.input_ids], budget):
+        rows = local_top_k(teacher, [enc.input_ids[i] for i in batch], [int(enc.answer_start[i]) for i in batch],
+                           writer.width, where.device)
+        for i, (ids, lps) in zip(batch, rows):
+            writer.add(i, ids, lps)
     del teacher
+
+
+LOCAL_BATCH_TOKENS = 16384  # padded tokens per teacher forward pass on a GPU (an eighth on CPU)
+
+
+def length_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Example indices sorted by length, cut into batches of at most `budget` padded tokens."""
+    batches, cur = [], []
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + [cur] if cur else batches
+
+
+def local_top_k(teacher, seqs: list, starts: list[int], k: int, device) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The teacher's top-k log-probs at the positions that predict each answer token, for a batch of
+    right-padded sequences; the head runs in chunks, so no batch x vocabulary logits are held."""
+    import torch
+
+    from shifu.losses import LOGIT_CHUNK
+
+    longest = max(len(x) for x in seqs)
+    x = torch.zeros(len(seqs), longest, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    keep = torch.zeros_like(x, dtype=torch.bool)
+    for r, (ids, start) in enumerate(zip(seqs, starts)):
+        x[r, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        mask[r, :len(ids)] = 1
+        keep[r, start - 1:len(ids) - 1] = True
+    with torch.no_grad():
+        out = teacher(input_ids=x.to(device), attention_mask=mask.to(device), output_hidden_states=-1,
+                      logits_to_keep=torch.zeros_like(keep).to(device), use_cache=False)
+        hidden = out.hidden_states[-1][keep.to(device)]
+        head = teacher.get_output_embeddings()
+        tops = [torch.log_softmax(head(h).float(), -1).topk(k, -1) for h in hidden.split(LOGIT_CHUNK)]
+    ids = torch.cat([t.indices for t in tops]).cpu().numpy().astype(np.int32)
+    lps = torch.cat([t.values for t in tops]).cpu().numpy()
+    cuts = np.cumsum([len(s) - st for s, st in zip(seqs, starts)])[:-1]
+    return list(zip(np.split(ids, cuts), np.split(lps, cuts)))
+
+
+def _build(cfg: Config, tok, examples: list[dict], enc: Encoded, source: str, width: int, folder) -> None:
+    capacity = int(sum(len(x) - s for x, s in zip(enc.input_ids, enc.answer_start)))
+    with atomic_dir(folder) as tmp:
+        writer = TargetWriter(tmp, capacity, width)
+        if source == "api":
+            _build_from_api(cfg, tok, examples, enc, writer)
+        else:
+            _build_from_local(cfg, tok, enc, writer)
+        writer.close()
+        del writer  # release the memmaps before the folder is renamed
 
 
 def build_targets(cfg: Config, tok, examples: list[dict], enc: Encoded,
@@ -102,16 +150,11 @@ def build_targets(cfg: Config, tok, examples: list[dict], enc: Encoded,
     key = hash_obj([source, width, teacher_id, tok.name_or_path, len(tok),
                     [x.tolist() for x in enc.input_ids], enc.answer_start.tolist()])
     folder = cfg.work / "kd" / f"{source}-{key[:16]}"
-    if not (folder / "index.json").exists():
-        capacity = int(sum(len(x) - s for x, s in zip(enc.input_ids, enc.answer_start)))
-        with atomic_dir(folder) as tmp:
-            writer = TargetWriter(tmp, capacity, width)
-            if source == "api":
-                _build_from_api(cfg, tok, examples, enc, writer)
-            else:
-                _build_from_local(cfg, tok, enc, writer)
-            writer.close()
-            del writer  # release the memmaps before the folder is renamed
+    # Every rank of a launch gets here: the first builds, the others wait for it and read its folder.
+    # A complete folder is never rebuilt or replaced (its name is the hash of what it holds).
+    with build_lock(folder):
+        if not (folder / "index.json").exists():
+            _build(cfg, tok, examples, enc, source, width, folder)
     targets = Targets(folder)
     if source == "api" and not targets.index:
         log.warning("no stored teacher logprobs match the training examples; training on the teacher's text only")
