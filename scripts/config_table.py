@@ -1,7 +1,11 @@
 """Print the configuration reference (every field, its default and its one-line doc) as Markdown.
 
     python scripts/config_table.py            # print
-    python scripts/config_table.py --write    # refresh the table in README.md between its markers
+    python scripts/config_table.py --zh       # print, with the headings of README.zh-CN.md
+    python scripts/config_table.py --write    # refresh the table in README.md and README.zh-CN.md between their markers
+
+Both READMEs get the same rows from the same source (the field descriptions in shifu.config); the
+Chinese one has Chinese headings and keeps the descriptions in English.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pydantic import BaseModel
 from shifu.config import Config
 
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+HEADINGS = {"en": "| field | default | what it does |", "zh": "| 字段 | 默认值 | 作用 |"}
+READMES = {"en": "README.md", "zh": "README.zh-CN.md"}
 
 
 def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -38,19 +44,24 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     return out
 
 
-def table() -> str:
-    return "\n".join(["| field | default | what it does |", "| --- | --- | --- |", *rows(Config)])
+def table(lang: str = "en") -> str:
+    return "\n".join([HEADINGS[lang], "| --- | --- | --- |", *rows(Config)])
+
+
+def write(lang: str) -> None:
+    readme = Path(__file__).resolve().parents[1] / READMES[lang]
+    text = readme.read_text(encoding="utf-8")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    readme.write_text(f"{head}{START}\n{table(lang)}\n{END}{tail}", encoding="utf-8")
 
 
 def main() -> None:
     if "--write" in sys.argv:
-        readme = Path(__file__).resolve().parents[1] / "README.md"
-        text = readme.read_text(encoding="utf-8")
-        head, rest = text.split(START)
-        _, tail = rest.split(END)
-        readme.write_text(f"{head}{START}\n{table()}\n{END}{tail}", encoding="utf-8")
+        for lang in READMES:
+            write(lang)
     else:
-        print(table())
+        print(table("zh" if "--zh" in sys.argv else "en"))
 
 
 if __name__ == "__main__":

@@ -133,6 +133,22 @@ def test_readme_configuration_table_is_current():
     assert config_table.table() in readme, "run: python scripts/config_table.py --write"
 
 
+def test_chinese_readme_configuration_table_is_current_and_the_readmes_link_each_other():
+    """README.zh-CN.md gets the same rows under Chinese headings, from the same --write."""
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import config_table
+
+    zh = (ROOT / "README.zh-CN.md").read_text(encoding="utf-8")
+    assert config_table.table("zh") in zh, "run: python scripts/config_table.py --write"
+    assert config_table.table("zh").splitlines()[2:] == config_table.table("en").splitlines()[2:]
+    en = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(README.zh-CN.md)" in en.split("\n## ")[0] and "(README.md)" in zh.split("\n## ")[0]
+
+
 def test_accelerate_configs_parse_with_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 

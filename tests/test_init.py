@@ -49,7 +49,7 @@ def test_gpu_memory_picks_qlora_for_a_7b_student_under_24gb():
     assert pick("Qwen/Qwen2.5-7B-Instruct", 24)[0] == "4bit"
     assert pick("Qwen/Qwen2.5-7B-Instruct", 80)[0] == "none"
     assert pick("Qwen/Qwen2.5-72B-Instruct", 24)[2].startswith("even 4-bit QLoRA")
-    quant, batch, why = pick("Qwen/Qwen2.5-7B-Instruct", None)
+    quant, _, why = pick("Qwen/Qwen2.5-7B-Instruct", None)
     assert quant == "none" and "CPU" in why
 
 

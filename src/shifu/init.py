@@ -214,8 +214,8 @@ def run_init(out: str, teacher: str | None = None, base_url: str | None = None, 
     path = Path(out)
     if path.exists() and not force:
         raise UserError(f"{path} exists; pass --force to overwrite it, or --out another file")
-    v = ask_missing(dict(teacher=teacher, base_url=base_url, teacher_model=teacher_model, student=student,
-                         data=data, gpu_memory=gpu_memory))
+    v = ask_missing({"teacher": teacher, "base_url": base_url, "teacher_model": teacher_model, "student": student,
+                     "data": data, "gpu_memory": gpu_memory})
     gpu = v["gpu_memory"] if v["gpu_memory"] is not None else detected_gpu_gib()
     tree, why = build_tree(v["teacher"] or "deepseek", v["base_url"], v["teacher_model"],
                            v["student"] or DEFAULT_STUDENT, v["data"] or "data.txt", gpu or None)
