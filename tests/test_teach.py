@@ -51,10 +51,9 @@ def prepare(cfg) -> None:
 
 def expected_requests(cfg) -> list:
     """Every request a complete run makes, the answer requests read from the stored questions."""
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
-        reqs = []
-        for task in read_jsonl(cfg.work / "tasks.jsonl"):
+    reqs = []
+    with Store(cfg.store_path) as store:
+        for task in read_jsonl(cfg.tasks_path):
             if task["source"] != "teacher":
                 continue
             reqs.append(task_request(task, cfg))
@@ -62,20 +61,15 @@ def expected_requests(cfg) -> list:
                 questions, reason = questions_for(task, cfg, store.get)
                 assert questions, f"{task['task_id']}: {reason}"
                 reqs += [req for _, req in answer_requests(task, questions, cfg)]
-        return reqs
-    finally:
-        store.close()
+    return reqs
 
 
 def assert_all_stored(cfg) -> list:
     reqs = expected_requests(cfg)
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
+    with Store(cfg.store_path) as store:
         missing = [r.key for r in reqs if store.get(r.key) is None]
         assert not missing, f"{len(missing)} of {len(reqs)} requests have no stored answer"
         assert store.totals()["stored_failed"] == 0
-    finally:
-        store.close()
     return reqs
 
 

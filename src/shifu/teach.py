@@ -9,11 +9,16 @@ very prompt the student will see. Answers are requested as soon as their questio
 What the runner guarantees:
 - bounded concurrency (`max_concurrency`) and optional requests- and tokens-per-minute limits;
 - retries with exponential backoff and full jitter, never shorter than the server's Retry-After;
-- fail fast on 400/401/402/403/404/422: nothing new is sent, in-flight answers are still saved;
+- fail fast on 400/401/402/403/404/422, and on a server that is not OpenAI-compatible (405, 501, a 2xx
+  that is not a chat completion): nothing new is sent, in-flight answers are still saved;
+- blank answers are asked again like any retryable fault, and stored as empty only after the last attempt;
 - an unreachable server (requests failing on connection errors alone) ends the run with one line
   instead of thousands of futile retries; its requests are recorded as failed for the next run;
 - every answer committed to the store before it is counted; stored answers are never re-sent;
-- `max_cost`: no request is started that could take the spend (stored + in flight) over budget.
+- `max_cost`: no request is started that could take the spend (stored + in flight) over budget;
+- a run that ends with failed or unsent requests fails the stage with their count, unless
+  `teacher.allow_partial` accepts it (the summary then marks it partial).
+Budget, group commit and rate limits are small classes beside the Runner, which queues and retries.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from shifu.config import Config, Price
-from shifu.errors import TeacherError
+from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
 from shifu.records import StoredAnswer, Task
 from shifu.store import Store
@@ -192,7 +197,9 @@ class Runner:
             log.warning("teacher.prices has no entry for '%s': costs are not counted; add one to see them",
                         self.tc.model)
         self.price = price
-        # max_cost without a price is refused with the config (shifu.config), before any stage runs.
+        if self.tc.max_cost is not None and self.tc.kind == "openai" and price is None:
+            # shifu.config refuses this before any stage; a caller with a copied config (the judge) lands here.
+            raise UserError(f"teacher.max_cost is set but teacher.prices has no entry for '{self.tc.model}'")
         self.budget = Budget(self.tc.max_cost, price, self.tc.peak_pricing, self.tc.max_tokens,
                              store.totals()["stored_cost"])
         self.commits = GroupCommit(store)
