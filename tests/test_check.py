@@ -44,13 +44,22 @@ class NotOpenAI(Quiet):
 
 
 class ServesOtherModel(Quiet):
-    def do_GET(self):
-        body = json.dumps({"object": "list", "data": [{"id": "other-model", "object": "model"}]}).encode()
-        self.send_response(200)
+    """Lists one model and, as vLLM and OpenAI do, answers 404 to a chat request for any other."""
+
+    def send(self, status, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def do_GET(self):
+        self.send(200, {"object": "list", "data": [{"id": "other-model", "object": "model"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.send(404, {"error": {"message": f"The model `{body['model']}` does not exist."}})
 
 
 def test_every_problem_in_one_run_each_with_its_fix(make_config, tmp_path, monkeypatch):
@@ -77,7 +86,7 @@ def test_each_teacher_problem(case, make_config, fake_server, http_server):
     elif case == "not_openai":
         url, want = http_server(NotOpenAI), "not an OpenAI-compatible"
     elif case == "unknown_model":
-        url, want = http_server(ServesOtherModel), "'fake-teacher' is not served"
+        url, want = http_server(ServesOtherModel), "unknown to the server"
     else:
         url, want = fake_server(no_logprobs=True).url, "no logprobs"
     cfg = make_config(url, teacher__top_logprobs=5)

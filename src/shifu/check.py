@@ -24,9 +24,9 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from shifu.config import Config
 from shifu.errors import UserError
@@ -126,6 +126,7 @@ def check_inputs(cfg: Config) -> tuple[list[Result], int]:
     """-> results, total input bytes."""
     import importlib.util
 
+    from shifu import read
     from shifu.read import detect_encoding, find_sources
 
     try:
@@ -144,8 +145,9 @@ def check_inputs(cfg: Config) -> tuple[list[Result], int]:
             continue
         try:
             encodings[detect_encoding(f, cfg.data.encoding)] += 1
-        except UserError as err:
-            results.append(fail("input", str(err)))
+        except UserError as err:  # a binary file among several is skipped by the reader, alone it stops it
+            skipped = isinstance(err, getattr(read, "BinaryInput", ())) and len(files) > 1
+            results.append(Result("input", "warn", f"skipped: {err}") if skipped else fail("input", str(err)))
     if size == 0:
         results.append(fail("input", f"raw_data_path {cfg.raw_data_path!r}: every file is empty",
                             "point raw_data_path at your text"))
@@ -280,13 +282,19 @@ def check_teacher(cfg: Config) -> list[Result]:
         return [fail("teacher", str(err), "start the server, or fix teacher.base_url")]
     except UserError as err:
         return [fail("teacher", str(err), f"check the key in {tc.api_key_env}")]
-    if served is not None and tc.model not in served:
-        listed = ", ".join(served[:8]) + (", ..." if len(served) > 8 else "")
-        return [fail("teacher", f"teacher.model {tc.model!r} is not served at {tc.base_url} (it serves: {listed})",
-                     "set teacher.model to one of those")]
-    if served is not None and not _wants_logprobs(cfg):
+    if served is not None and tc.model in served and not _wants_logprobs(cfg):
         return [ok("teacher", f"{tc.base_url} serves {tc.model} (GET /models; nothing spent)")]
-    return _probe_results(cfg)
+    results = _probe_results(cfg)
+    if served is None or tc.model in served:
+        return results
+    # Not listed: some servers (llama.cpp's own) answer to any name, so the request decides.
+    listed = ", ".join(served[:8]) + (", ..." if len(served) > 8 else "")
+    if results[0].status == "ok":
+        return [Result("teacher", "warn", f"teacher.model {tc.model!r} is not in {tc.base_url}/models "
+                       f"({listed}), but the server answered to it")] + results
+    results[0].detail += f"; GET /models lists: {listed}"
+    results[0].fix = results[0].fix or "set teacher.model to one of those"
+    return results
 
 
 # ---- models ---------------------------------------------------------------------------------------
