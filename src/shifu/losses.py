@@ -130,7 +130,8 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor 
 
 
 def _chunk_sums(hidden, head, targets, kd_ids, kd_lps, d):
-    return loss_sums(head(hidden), targets, kd_ids, kd_lps, d)
+    # under the Trainer's autocast only the model's forward is cast: the head gets its own dtype here
+    return loss_sums(head(hidden.to(head.weight.dtype)), targets, kd_ids, kd_lps, d)
 
 
 def chunked_loss_sums(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
