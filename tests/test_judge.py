@@ -82,3 +82,12 @@ def test_an_unparseable_verdict_is_counted_never_guessed(make_config, fake_serve
     p = Pair(id="y", passage="p", prompt="q", category="问答", lang="zh", first="a", second="b")
     records, _ = judge_pairs(cfg, [p])
     assert records[0]["outcome"] == "unparseable" and records[0]["straight"] is None
+
+
+def test_identical_answers_are_a_tie_and_never_sent(make_config, fake_server):
+    server = fake_server()
+    cfg = make_config(server.url)
+    same = Pair(id="same", passage="p", prompt="q", category="问答", lang="zh", first="一样的回答", second=" 一样的回答\n")
+    records, calls = judge_pairs(cfg, [same, _pair()])
+    assert records[0]["outcome"] == "tie" and records[0]["identical"]
+    assert calls["identical_pairs"] == 1 and calls["requests"] == 2 and sum(server.requests_by_key.values()) == 2

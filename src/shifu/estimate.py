@@ -255,12 +255,16 @@ def memory_estimate(cfg: Config) -> dict:
 
 
 def run_estimate(cfg: Config) -> dict:
-    return {"teacher": teacher_estimate(cfg), "training_memory_gib": memory_estimate(cfg)}
+    from shifu.evaluate import eval_estimate
+
+    return {"teacher": teacher_estimate(cfg), "training_memory_gib": memory_estimate(cfg),
+            "evaluation": eval_estimate(cfg)}
 
 
 def print_estimate(est: dict) -> None:
     for title, part in (("teacher requests and cost", est["teacher"]),
-                        ("training memory per GPU (GiB, estimate)", est["training_memory_gib"])):
+                        ("training memory per GPU (GiB, estimate)", est["training_memory_gib"]),
+                        ("evaluation: judge requests and cost, student time (estimate)", est["evaluation"])):
         table = Table(title=title, show_header=False, title_justify="left")
         for key, value in part.items():
             shown = f"{value:,.4f}" if isinstance(value, float) and not math.isnan(value) else str(value)

@@ -22,11 +22,17 @@ log = logging.getLogger("shifu")
 METRICS = ("acc", "acc_norm", "exact_match")
 
 
-def task_manager(include: str | None):
+def task_manager(include: str | None, tasks: list[str] = ()):
+    """lm-eval's task index; only the user's folder when it holds every task asked for, since
+    indexing lm-eval's own catalogue of thousands of YAML files takes a minute on a small CPU."""
     from lm_eval.tasks import TaskManager
 
     if include and not Path(include).is_dir():
         raise UserError(f"eval.lm_eval_include {include!r}: folder not found; point it at a folder of lm-eval YAML tasks")
+    if include:
+        own = TaskManager(include_path=include, include_defaults=False)
+        if tasks and all(t in own.all_tasks for t in tasks):
+            return own
     return TaskManager(include_path=include) if include else TaskManager()
 
 
@@ -65,7 +71,7 @@ def run_general(cfg: Config, load) -> dict:
         raise UserError("eval.lm_eval_tasks is set but lm-eval is not installed; pip install 'shifu[lm-eval]'") from None
     if not (cfg.merged_dir / "config.json").exists():
         raise UserError(f"{cfg.merged_dir}: no merged model for eval.lm_eval_tasks; run `shifu merge` first")
-    manager = task_manager(e.lm_eval_include)
+    manager = task_manager(e.lm_eval_include, list(e.lm_eval_tasks))
     unknown = [t for t in e.lm_eval_tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"eval.lm_eval_tasks: unknown task(s) {', '.join(unknown)}; check the names with "

@@ -1,15 +1,16 @@
 """A judge model compares two answers to the same prompt, in both orders, against the source passage.
 
-    pairs = [Pair(id="3:0", passage=..., prompt=..., category="问答", lang="zh", first=trained, second=base)]
+    pairs = [Pair(id="base:0", passage=..., prompt=..., category="问答", lang="zh", first=trained, second=base)]
     outcomes, stats = judge_pairs(cfg, pairs)     # "win" / "tie" / "loss" / "unparseable" for `first`
 
 The judge is the teacher (or `eval.judge_model` on `eval.judge_base_url`), asked at temperature 0
 through the teacher's own client, runner and store: retries, concurrency, the budget, and no
-request bought twice (verdicts live in <work_dir>/eval/judge.sqlite; a rerun of `shifu eval` pays nothing for verdicts it already has).
-Each pair is asked twice, with the answers swapped, because judges favour a position. The two
-verdicts, seen from `first`, are added (+1 win, 0 tie, -1 loss): a win in one order and a loss
-in the other is a tie. A verdict that is not exactly one of the markers is unparseable, and so
-is the pair: it is counted as such, never guessed.
+request bought twice (verdicts live in <work_dir>/eval/judge.sqlite, so a rerun of `shifu eval`
+pays nothing for verdicts it already has). Each pair is asked twice, with the answers swapped,
+because judges favour a position. The two verdicts, seen from `first`, are added (+1 win, 0 tie,
+-1 loss): a win in one order and a loss in the other is a tie, and so are two identical answers
+(never sent). A verdict that is not exactly one kind of marker is unparseable, and so is its
+pair: counted as such, never guessed.
 """
 
 from __future__ import annotations
@@ -134,23 +135,62 @@ def judge_pairs(cfg: Config, pairs: list[Pair]) -> tuple[list[dict], dict]:
     """One record per pair (both raw verdicts and the outcome for `first`), and the calls' figures."""
     if not pairs:
         return [], {"requests": 0, "cost": 0.0}
-    reqs = requests_for(cfg, pairs)
+    asked = [p for p in pairs if not identical(p)]
+    reqs = requests_for(cfg, asked)
     answers, calls = asyncio.run(_ask(cfg, [r for two in reqs for r in two]))
+    pending = iter(reqs)
+    calls["identical_pairs"] = len(pairs) - len(asked)
     records = []
-    for pair, (straight, swapped) in zip(pairs, reqs):
+    for pair in pairs:
+        if identical(pair):  # the same text twice: a tie, and nothing to pay for
+            records.append({"id": pair.id, "category": pair.category, "straight": "tie", "swapped": "tie",
+                            "outcome": "tie", "identical": True})
+            continue
+        straight, swapped = next(pending)
         v1, v2 = parse_verdict(answers.get(straight.key)), parse_verdict(answers.get(swapped.key))
         records.append({"id": pair.id, "category": pair.category, "straight": v1, "swapped": v2,
                         "outcome": combine(v1, v2)})
     return records, calls
 
 
-def judge_estimate(cfg: Config, passage_tokens: float, answer_tokens: float) -> dict:
-    """Requests and tokens of the judge for one `shifu eval`, before anything is generated."""
-    e = cfg.eval
-    if not e.judge:
-        return {"requests": 0}
-    pairs = 2 * e.generate_examples + e.knowledge_questions  # vs base and vs teacher; knowledge vs base
-    overhead = estimate_tokens(TEMPLATE["zh"]) + estimate_tokens(RUBRIC["zh"]["问答"]) + 40  # + the prompt
-    per_request = overhead + passage_tokens * 2 + answer_tokens * 2  # the passage is in the prompt too
-    return {"requests": 2 * pairs, "input_tokens": int(2 * pairs * per_request),
-            "max_output_tokens": 2 * pairs * e.judge_max_tokens, "model": judge_teacher(cfg).model}
+def identical(pair: Pair) -> bool:
+    return pair.first.strip() == pair.second.strip()
+
+
+def eval_sizes(cfg: Config) -> dict:
+    """Expected held-out examples, answered prompts and knowledge questions, from chunks.jsonl
+    (the estimate runs the chunk stage first): what one `shifu eval` will generate and judge."""
+    from shifu.files import read_jsonl
+
+    path = cfg.work / "chunks.jsonl"
+    chunks = list(read_jsonl(path)) if path.exists() else []
+    per_chunk = cfg.tasks.qa_per_chunk * cfg.enable_qa + cfg.enable_article
+    held_chunks = max(1, round(len(chunks) * cfg.eval.eval_ratio)) if cfg.eval.eval_ratio > 0 and len(chunks) > 1 else 0
+    held = min(held_chunks * per_chunk, cfg.eval.max_examples)
+    trained_questions = (len(chunks) - held_chunks) * cfg.tasks.qa_per_chunk * cfg.enable_qa
+    passage = sum(estimate_tokens(c["text"]) for c in chunks) / max(len(chunks), 1)
+    return {"held_out_examples": held, "answered": min(held, max(cfg.eval.generate_examples, cfg.eval.num_samples)),
+            "knowledge": min(cfg.eval.knowledge_questions, trained_questions), "passage_tokens": passage}
+
+
+def judge_estimate(cfg: Config) -> dict:
+    """Requests, tokens and the most they can cost, for the judge of one `shifu eval`."""
+    from shifu.teacher import price_of
+
+    if not cfg.eval.judge:
+        return {"judge_requests": 0}
+    sizes, tc = eval_sizes(cfg), judge_teacher(cfg)
+    pairs = 2 * sizes["answered"] + sizes["knowledge"]  # vs base and vs teacher; knowledge vs base
+    overhead = estimate_tokens(TEMPLATE["zh"] + RUBRIC["zh"]["问答"]) + 40  # the task's instruction
+    # The passage appears twice (the passage block, and the open-book prompt that holds it).
+    per_request = overhead + 2 * sizes["passage_tokens"] + 2 * cfg.eval.max_new_tokens
+    requests = 2 * pairs
+    usage = {"prompt_tokens": int(requests * per_request), "completion_tokens": requests * tc.max_tokens}
+    price = tc.prices.get(tc.model) if tc.kind == "openai" else None
+    return {"judge_model": tc.model, "judge_requests": requests, "judge_input_tokens": usage["prompt_tokens"],
+            "judge_max_output_tokens": usage["completion_tokens"],
+            "judge_max_cost": price_of(usage, price, tc.peak_pricing, when=PEAK) if price
+            else f"no price for {tc.model} in teacher.prices"}
+
+
+PEAK = 1767578400.0  # Monday 2026-01-05 02:00 UTC, inside DeepSeek's peak hours: the upper bound

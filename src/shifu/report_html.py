@@ -165,7 +165,7 @@ def _samples(samples: list[dict], records: list[dict]) -> str:
     verdicts = {r["id"]: r["outcome"] for r in records}
     parts = []
     for k, s in enumerate(samples):
-        v = verdicts.get(f"held:{k}")
+        v = verdicts.get(f"base:{k}")
         parts.append(f"<h3>{k + 1}. {escape(s['category'])} (chunk {s['chunk_id']})"
                      + (f" – judge: trained {escape(v)} vs base" if v else "") + "</h3>"
                      f"<pre>{escape(s['prompt'][:1200])}</pre>" + _side(s["base"], s["trained"], s["teacher"], "teacher"))
