@@ -129,7 +129,7 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant, ...).")
     packing: bool | Literal["auto"] = Field("auto", description="true: each batch in one row with per-example positions (no padding, no cross-attention); false: padded rows grouped by length; auto: packing only with a flash-attention kernel, which skips the blocks between examples.")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Dtype of the base weights (shifu.device): auto is bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU; bf16 also runs on CPU.")
     quantization: Literal["none", "4bit"] = Field("none", description="4bit loads the student in NF4 for QLoRA (bitsandbytes, CUDA only).")
     save_steps: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps (resume point).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
