@@ -143,3 +143,22 @@ def test_run_checks_first_and_stops_before_spending(make_config, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "--skip-check" in errors[0], proc.stderr[-2000:]
     assert "cannot connect to http://127.0.0.1:9/v1" in proc.stderr and "Traceback" not in proc.stderr
     assert not cfg.work.joinpath("chunks.jsonl").exists()
+
+
+@pytest.mark.parametrize(("need", "free", "status"), [(30.0, 20, "fail"), (10.0, 5, "warn"), (10.0, 20, "ok")])
+def test_gpu_memory_against_the_estimate(need, free, status, make_config, monkeypatch):
+    """No GPU here: torch.cuda answers as a 24 GiB card would."""
+    import torch
+
+    import shifu.device
+    from shifu.check import check_gpu
+
+    gib = 1024 ** 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (free * gib, 24 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Fake 24G")
+    monkeypatch.setattr(shifu.device, "local_device", lambda: torch.device("cuda", 0))
+    results = check_gpu(make_config(), {"total": need})
+    assert [r.status for r in results] == [status] and "Fake 24G" in results[0].detail, results
+    if status == "fail":
+        assert "train.quantization: 4bit" in results[0].fix

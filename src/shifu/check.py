@@ -468,9 +468,22 @@ def _guarded(name: str, fn: Callable[[], list[Result]]) -> list[Result]:
         return [fail(name, f"the check itself failed: {type(err).__name__}: {err}")]
 
 
-def run_check(cfg: Config) -> list[Result]:
+def _memory(cfg: Config, student_ok: bool, student_bytes: int | None) -> dict:
+    """`shifu estimate`'s memory figure, where something needs it: a GPU to hold it against, or a
+    hub student whose size only its config tells. On CPU with a local folder its seconds are saved."""
+    import torch
+
+    if not student_ok or (student_bytes is not None and not torch.cuda.is_available()):
+        return {"note": "no memory estimate needed here"}
     from shifu.estimate import memory_estimate
 
+    try:
+        return memory_estimate(cfg)
+    except Exception as err:  # the GPU line says so; the other checks go on
+        return {"note": f"no memory estimate ({type(err).__name__}: {str(err)[:120]})"}
+
+
+def run_check(cfg: Config) -> list[Result]:
     results, input_bytes = check_inputs(cfg)
     results += _guarded("API key", lambda: check_key(cfg))
     results += _guarded("teacher", lambda: check_teacher(cfg))
@@ -480,15 +493,12 @@ def run_check(cfg: Config) -> list[Result]:
         results += check_model(cfg.distill.local_teacher, "distill.local_teacher", cfg.teacher.trust_remote_code,
                                "white-box teacher")[0]
     results += _guarded("folders", lambda: check_folders(cfg))
-    mem = {"note": "student not loaded"}
-    if not any(r.status == "fail" for r in student):
-        try:
-            mem = memory_estimate(cfg)
-        except Exception as err:  # the GPU line says so; the other checks go on
-            mem = {"note": f"no memory estimate ({type(err).__name__}: {str(err)[:120]})"}
+    mem = _memory(cfg, not any(r.status == "fail" for r in student), student_bytes)
     if student_bytes is None:
         student_bytes = int(_params(mem.get("params")) * 2)
-    needs = disk_needs(cfg, input_bytes, student_bytes, _params(mem.get("lora_params")))
+    # LoRA's share of the weights where the estimate did not count it: ~1% of the parameters at r=16
+    lora = _params(mem.get("lora_params")) or student_bytes / 2 * 0.01 * cfg.lora.r / 16
+    needs = disk_needs(cfg, input_bytes, student_bytes, lora)
     results += _guarded("disk", lambda: check_disk(cfg, needs))
     results += _guarded("GPU", lambda: check_gpu(cfg, mem))
     return results
