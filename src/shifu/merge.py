@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from shifu.card import write_card
 from shifu.config import Config, dump_config
 from shifu.device import merge_placement
 from shifu.errors import UserError
@@ -83,6 +84,7 @@ def run_merge(cfg: Config) -> dict:
         tok.save_pretrained(tmp)
         generation_config(merged, tok).save_pretrained(tmp)
         (tmp / "shifu_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        write_card(cfg, tmp)  # README.md: the model card (shifu.card)
     files = sorted(p.name for p in cfg.merged_dir.iterdir())
     return {"merged_dir": str(cfg.merged_dir), "dtype": str(stored).replace("torch.", ""),
             "merged_in": str(where.dtype).replace("torch.", ""), "device": str(where.device),
