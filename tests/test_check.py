@@ -162,3 +162,10 @@ def test_gpu_memory_against_the_estimate(need, free, status, make_config, monkey
     assert [r.status for r in results] == [status] and "Fake 24G" in results[0].detail, results
     if status == "fail":
         assert "train.quantization: 4bit" in results[0].fix
+
+
+def test_api_distillation_without_logprobs_is_a_failure(make_config):
+    from shifu.check import check_distill
+
+    assert [r.status for r in check_distill(make_config(distill__source="api"))] == ["fail"]
+    assert check_distill(make_config(distill__source="api", teacher__top_logprobs=5)) == []

@@ -63,3 +63,24 @@ def test_teachers(tiny_teacher, tmp_path):
     tree, _ = build_tree("openai", "http://h:8000/v1", "m", "student", "data.txt", None)
     assert "max_cost" not in tree["teacher"]  # no price for a served model: a budget could not be counted
     assert yaml.safe_load(yaml.safe_dump(tree)) == tree
+
+
+def test_a_terminal_is_asked_only_for_what_the_flags_left_out(tiny_student, tmp_path, monkeypatch):
+    import sys
+
+    import typer
+
+    asked = []
+    answers = {"Teacher": "openai", "Teacher server": "http://127.0.0.1:8000/v1", "Teacher model": "served-name",
+               "Your text": "corpus/", "GPU memory": 0.0}
+
+    def prompt(text, default=None, type=None):
+        asked.append(text)
+        return answers[max((k for k in answers if text.startswith(k)), key=len)]
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr(typer, "prompt", prompt)
+    path, _ = run_init(str(tmp_path / "c.yaml"), student=str(tiny_student))
+    cfg = load_config(path)
+    assert cfg.teacher.model == "served-name" and cfg.raw_data_path == "corpus/" and cfg.model_name == str(tiny_student)
+    assert len(asked) == 5 and not any(q.startswith("Student") for q in asked)

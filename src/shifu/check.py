@@ -266,6 +266,13 @@ def _probe_results(cfg: Config) -> list[Result]:
     return results + [ok("logprobs", f"top-{tc.top_logprobs} logprobs returned")]
 
 
+def check_distill(cfg: Config) -> list[Result]:
+    if cfg.distill.source == "api" and cfg.teacher.top_logprobs == 0:
+        return [fail("logprobs", "distill.source is api but teacher.top_logprobs is 0: no distribution to learn",
+                     "set teacher.top_logprobs (1 to 20), or distill.source: auto")]
+    return []
+
+
 def check_teacher(cfg: Config) -> list[Result]:
     from shifu.teacher import is_local
 
@@ -486,7 +493,7 @@ def _memory(cfg: Config, student_ok: bool, student_bytes: int | None) -> dict:
 def run_check(cfg: Config) -> list[Result]:
     results, input_bytes = check_inputs(cfg)
     results += _guarded("API key", lambda: check_key(cfg))
-    results += _guarded("teacher", lambda: check_teacher(cfg))
+    results += _guarded("teacher", lambda: check_teacher(cfg)) + check_distill(cfg)
     student, student_bytes = check_model(cfg.model_name, "model_name", cfg.trust_remote_code, "student")
     results += student
     if cfg.distill.source == "local" and cfg.distill.local_teacher:
