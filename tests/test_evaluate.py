@@ -109,3 +109,50 @@ def test_shifu_run_writes_a_report_with_every_section(make_config, fake_server, 
     assert html.count("data:image/png;base64,") >= 3  # changes, judge, loss curve, all inside the file
     assert not re.search(r"""(src|href)=["']https?:""", html)  # nothing fetched from elsewhere
     assert "no measurable change" in html or "better" in html
+
+
+def _report_fixture() -> dict:
+    from shifu.stats import paired_change, win_rates
+
+    change = paired_change([2.0, 2.2, 2.4, 2.1], [1.5, 1.9, 2.0, 1.8], higher_is_better=False)
+    judged = {**win_rates(["win", "win", "tie", "loss"]), "records": [{"id": "base:0", "outcome": "win"}]}
+    return {"held_out_examples": 4, "changes": {"loss": change}, "overlap": {"rouge_l": change, "bleu": change},
+            "judge": {"model": "judge", "calls": {"requests": 8, "cached": 0, "cost": 0.01},
+                      "vs_base": judged, "vs_teacher": judged, "knowledge": judged}, "general": {}}
+
+
+def test_report_html_is_self_contained_and_escapes_what_models_wrote(make_config):
+    from shifu.report_html import render_report
+
+    cfg = make_config()
+    sample = {"chunk_id": 1, "category": "问答", "prompt": "孔乙己是谁？", "base": "<script>alert(1)</script>",
+              "trained": "读书人", "teacher": "孔乙己是穿长衫的读书人。"}
+    html = render_report(cfg, _report_fixture(), [sample], [])
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert all(f'<section id="{s}">' in html for s in SECTIONS)
+    assert "judge: trained win vs base" in html
+
+
+@pytest.mark.slow  # needs Debian's chromium: apt-get install chromium fonts-noto-cjk
+def test_report_renders_in_headless_chromium(make_config, tmp_path):
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    from shifu.report_html import render_report
+
+    browser = shutil.which("chromium") or pytest.skip("chromium is not installed")
+    cfg = make_config()
+    sample = {"chunk_id": 1, "category": "问答", "prompt": "孔乙己是谁？", "base": "不知道", "trained": "读书人",
+              "teacher": "孔乙己是穿长衫的读书人。"}
+    page = tmp_path / "report.html"
+    page.write_text(render_report(cfg, _report_fixture(), [sample], []), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,3000", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 3000)
+    dark = sum(image.histogram()[:128]) / (1200 * 3000)
+    assert 0.005 < dark < 0.5  # text and figures drawn on a white page, not a blank or error page

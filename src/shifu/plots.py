@@ -39,18 +39,20 @@ def _figure(width: float, height: float):
 
 
 def change_chart(changes: dict[str, dict], path: Path) -> bool:
-    """Each before -> after change as a point with its 95% interval; zero marked."""
-    rows = [(name, c) for name, c in changes.items() if c.get("ci")]
+    """Each before -> after change in percent of its before value (so a loss and an agreement share
+    one axis), with its 95% interval; zero marked, green better, red worse, grey no measurable change."""
+    rows = [(name, c) for name, c in changes.items() if c.get("ci") and c["before"]]
     if not rows:
         return False
     plt, fig, ax = _figure(6, 0.6 * len(rows) + 1.2)
     for y, (name, c) in enumerate(rows):
-        lo, hi = c["ci"]
+        scale = 100 / abs(c["before"])
+        mid, lo, hi = c["change"] * scale, c["ci"][0] * scale, c["ci"][1] * scale
         color = {"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray")
-        ax.errorbar(c["change"], y, xerr=[[c["change"] - lo], [hi - c["change"]]], fmt="o", color=color, capsize=4)
+        ax.errorbar(mid, y, xerr=[[mid - lo], [hi - mid]], fmt="o", color=color, capsize=4)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
-    ax.set_xlabel("after - before (95% bootstrap interval)")
+    ax.set_xlabel("change, % of before (95% bootstrap interval)")
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path)
