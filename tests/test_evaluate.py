@@ -156,3 +156,18 @@ def test_report_renders_in_headless_chromium(make_config, tmp_path):
     assert image.size == (1200, 3000)
     dark = sum(image.histogram()[:128]) / (1200 * 3000)
     assert 0.005 < dark < 0.5  # text and figures drawn on a white page, not a blank or error page
+
+
+def test_estimate_counts_the_judge_requests_and_times_the_student(make_config):
+    from shifu.evaluate import eval_estimate
+    from shifu.pipeline import run_stage
+
+    cfg = make_config(eval__generate_examples=3, eval__knowledge_questions=2, eval__max_examples=50,
+                      teacher__prices={"fake-teacher": {"input_cache_hit": 0.1, "input_cache_miss": 1.0, "output": 2.0}})
+    run_stage("chunk", cfg)
+    est = eval_estimate(cfg)
+    assert est["prompts_answered"] == 3 and est["knowledge_questions"] == 2
+    assert est["judge_requests"] == 2 * (2 * 3 + 2)  # both orders; vs base, vs teacher, knowledge vs base
+    assert est["judge_max_cost"] > 0 and est["judge_input_tokens"] > 0
+    assert isinstance(est["student_seconds"], float) and "cpu" in est["time_assumes"]
+    assert eval_estimate(make_config(eval__judge=False))["judge_requests"] == 0
