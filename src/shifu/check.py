@@ -456,8 +456,8 @@ def check_gpu(cfg: Config, mem: dict) -> list[Result]:
     line = f"{name}: ~{need} GiB needed for training (shifu estimate), {total / 1024**3:.1f} GiB in all, " \
            f"{free / 1024**3:.1f} GiB free"
     if need * 1024**3 > total:
-        return results + [fail("GPU", line, "set train.quantization: 4bit, or lower batch_size or max_length, "
-                               "or turn on gradient_checkpointing")]
+        smaller = "lower batch_size or max_length, or turn on gradient_checkpointing"
+        return results + [fail("GPU", line, smaller if four_bit else f"set train.quantization: 4bit, or {smaller}")]
     if need * 1024**3 > free:
         return results + [Result("GPU", "warn", line + ": other processes hold the rest")]
     return results + [ok("GPU", line)]
@@ -536,6 +536,8 @@ def print_check(results: list[Result]) -> None:
 
 def preflight(cfg: Config) -> None:
     """What `shifu run` calls first: print the checks, stop with one line if any failed."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank runs; rank 0 checks for all
+        return
     results = run_check(cfg)
     print_check(results)
     bad = failures(results)

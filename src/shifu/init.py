@@ -58,14 +58,15 @@ def _slug(name: str) -> str:
 def teacher_section(teacher: str, base_url: str | None, model: str | None, shipped: dict) -> dict:
     if teacher not in TEACHERS:
         raise UserError(f"--teacher {teacher!r}: choose deepseek, openai or local")
-    section = {k: v for k, v in TEACHERS[teacher].items() if v is not None}
-    section.update((k, v) for k, v in shipped.items() if k not in TEACHERS[teacher])
+    section = dict(TEACHERS[teacher])  # its keys first, in order; None: to be given
+    section.update((k, v) for k, v in shipped.items() if k not in section)
     if teacher == "local":
         section = {k: v for k, v in section.items() if k not in ("base_url", "api_key_env", "max_concurrency")}
     if base_url:
         section["base_url"] = base_url
     if model:
         section["model"] = model
+    section = {k: v for k, v in section.items() if v is not None}
     if not section.get("model"):
         raise UserError(f"--teacher {teacher} needs --teacher-model "
                         + ("(a Hugging Face folder)" if teacher == "local" else "(the name the server serves)"))
@@ -161,10 +162,12 @@ def render(tree: dict, model: type[BaseModel] = Config, indent: str = "") -> lis
     for key, value in tree.items():
         field = fields.get(key)
         sub = field.annotation if field is not None else None
+        section = isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel)
+        if section and not indent:
+            lines.append("")
         if field is not None and field.description:
             lines.append(f"{indent}# {field.description}")
-        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
-            lines[-1:-1] = [""] if not indent else []  # a blank line before each section
+        if section:
             lines.append(f"{indent}{key}:")
             lines += render(value, sub, indent + "  ")
         else:
