@@ -175,3 +175,13 @@ def test_api_distillation_without_logprobs_is_a_failure(make_config):
 
     assert [r.status for r in check_distill(make_config(distill__source="api"))] == ["fail"]
     assert check_distill(make_config(distill__source="api", teacher__top_logprobs=5)) == []
+
+
+def test_the_command_lists_every_failure_then_one_error_line(make_config, tmp_path):
+    path = write_config(make_config("http://127.0.0.1:9/v1"), tmp_path / "c.yaml")
+    proc = run_shifu("check", path, "--set", "batch_size=0", "--set", f"model_name={tmp_path / 'nope'}")
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("✗")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "3 check(s) failed" in errors[0], proc.stderr[-2000:]
+    assert [line.split(":")[0] for line in failed] == ["✗ config", "✗ teacher", "✗ student"], failed
+    assert "Traceback" not in proc.stderr

@@ -5,7 +5,6 @@ import pytest
 import yaml
 
 from conftest import SAMPLE_ZH, run_shifu
-from shifu.check import check_file, failures
 from shifu.config import load_config
 from shifu.errors import UserError
 from shifu.init import build_tree, run_init
@@ -24,8 +23,9 @@ def test_flags_give_a_config_that_passes_check(fake_server, tiny_student, tmp_pa
     cfg = load_config(out)
     assert cfg.teacher.base_url == server.url and cfg.model_name == str(tiny_student)
     assert cfg.teacher.top_logprobs > 0 and cfg.teacher.extra_body == {} and cfg.train.quantization == "none"
-    results = check_file(str(out))
-    assert not failures(results), results
+    check = run_shifu("check", out)
+    assert check.returncode == 0 and "error" not in check.stderr, check.stderr[-3000:]
+    assert "✓ teacher" in check.stderr and "✓ student" in check.stderr and "! GPU" in check.stderr
     assert server.received == 1
 
 
