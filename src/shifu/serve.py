@@ -1,5 +1,8 @@
 """Serve a GGUF model over an OpenAI-compatible API on 127.0.0.1 with llama-cpp-python, for as long
-as a `with` block runs (the offline demo and benchmarks use it as their teacher).
+as a `with` block runs (the offline demo and benchmarks use it as their teacher), and `shifu serve`:
+the distilled student behind the same API the teacher had.
+
+    shifu serve configs/demo.yaml      # the exported GGUF (made if missing) on http://127.0.0.1:8000/v1
 
     with llama_cpp_server(gguf_path, alias="qwen2.5-coder-1.5b-instruct") as base_url:
         ...   # base_url = "http://127.0.0.1:PORT/v1"
@@ -61,12 +64,12 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, seconds: float
 
 @contextlib.contextmanager
 def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: int = 4096,
-                     port: int = 8765, ready_s: float = 300) -> Iterator[str]:
+                     port: int = 8765, ready_s: float = 300, host: str = "127.0.0.1") -> Iterator[str]:
     if not Path(gguf).exists():
         raise UserError(f"{gguf}: GGUF file not found; run `make demo-models` (scripts/fetch_models.py)")
     port = free_port(port)
-    url = f"http://127.0.0.1:{port}/v1"
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+    url = f"http://127.0.0.1:{port}/v1"  # where this machine reaches it, whatever address it binds
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
            "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1), "--model_alias", alias]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,3 +87,55 @@ def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: 
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def served_name(cfg) -> str:
+    """The model name clients send: the adapter folder's name (`distilled-model` by default)."""
+    return Path(cfg.output_dir).name
+
+
+def vllm_usable() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _until_interrupted(url: str, name: str, log_path: Path | None) -> None:
+    from shifu.progress import console
+
+    where = f"; log: {log_path}" if log_path else ""
+    console.print(f"serving [bold]{name}[/] on {url} (chat completions at {url}/chat/completions); "
+                  f"Ctrl-C stops{where}", highlight=False)
+    while True:
+        time.sleep(3600)
+
+
+def serve_vllm(cfg, host: str, port: int) -> None:
+    """vLLM on the merged folder, in the foreground (it serves the folder's own chat template)."""
+    if not (cfg.merged_dir / "config.json").exists():
+        raise UserError(f"{cfg.merged_dir}: no merged model; run `shifu merge` first")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.merged_dir),
+           "--served-model-name", served_name(cfg), "--host", host, "--port", str(port)]
+    raise SystemExit(subprocess.call(cmd))
+
+
+def run_serve(cfg, quant: str = "q8_0", host: str = "127.0.0.1", port: int = 8000, engine: str = "auto") -> None:
+    if engine not in ("auto", "llama.cpp", "vllm"):
+        raise UserError(f"--engine {engine!r}: choose auto, llama.cpp or vllm")
+    if engine == "vllm" or (engine == "auto" and vllm_usable()):
+        return serve_vllm(cfg, host, port)
+    from shifu.export import gguf_path, run_export
+
+    gguf = gguf_path(cfg, quant)
+    if not gguf.exists():
+        run_export(cfg, quant, check=False)
+    log_path = gguf.parent / "serve.log"
+    try:
+        with llama_cpp_server(gguf, served_name(cfg), log_path, port=port, host=host) as url:
+            _until_interrupted(url, served_name(cfg), log_path)
+    except KeyboardInterrupt:  # the way to stop a server: not an error
+        pass
