@@ -9,7 +9,7 @@ export SHIFU_CACHE
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: test test-slow demo demo-models venv clean
+.PHONY: test test-slow demo demo-models export-tools venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) export-tools
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) export-tools
 	$(BIN)/python -m pytest -q -m slow
 
 # llama-cpp-python has no Linux wheel on PyPI: pip compiles it once and keeps the wheel in pip's cache.
@@ -35,13 +35,17 @@ $(VENV)/.demo-installed: $(STAMP)
 		$(BIN)/pip install -q 'llama-cpp-python[server]==0.3.36'
 	touch $@
 
+# llama.cpp's GGUF converter, unpacked once from the llama-cpp-python sdist on PyPI (`shifu export`).
+export-tools: $(STAMP)
+	$(BIN)/python -m shifu.export --fetch-converter
+
 demo-models: $(STAMP)
 	$(BIN)/python scripts/fetch_models.py qwen0.5b
 	$(BIN)/python scripts/fetch_models.py --gguf-only qwen1.5b   # the teacher is served from its GGUF
 
 # The downloads (1.6 GB) run while llama-cpp-python compiles: one waits on the network, the other on the CPU.
 demo: $(STAMP)
-	$(MAKE) -j2 $(VENV)/.demo-installed demo-models
+	$(MAKE) -j2 $(VENV)/.demo-installed demo-models export-tools
 	$(BIN)/python scripts/demo.py
 
 clean:
