@@ -313,8 +313,11 @@ def _offline() -> bool:
 def _cached_weights(name: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(name, f), str)
-               for f in ("model.safetensors", "model.safetensors.index.json"))
+    try:
+        return any(isinstance(try_to_load_from_cache(name, f), str)
+                   for f in ("model.safetensors", "model.safetensors.index.json"))
+    except ValueError:  # not a valid repo id either: the tokenizer line says what is wrong
+        return False
 
 
 def _weights_bytes(folder: Path) -> int:
@@ -331,8 +334,8 @@ def check_model(name: str, field: str, trust_remote_code: bool, role: str) -> tu
                      f"point {field} at a Hugging Face model folder (config.json, tokenizer, *.safetensors)")], None
     fetch_fix = f"download it (hf download {name} --local-dir DIR) and point {field} at the folder"
     if not local and _offline() and not _cached_weights(name):
-        return [fail(role, f"{field} {name!r} is a hub name and HF_HUB_OFFLINE is set, and its weights are not "
-                     "in the local cache", fetch_fix)], None
+        return [fail(role, f"{field} {name!r}: no such folder, and as a hub name its weights are not in the "
+                     "local cache (HF_HUB_OFFLINE is set)", fetch_fix)], None
     try:
         from transformers import AutoTokenizer
 
@@ -465,14 +468,18 @@ def check_gpu(cfg: Config, mem: dict) -> list[Result]:
 
 # ---- all of it ------------------------------------------------------------------------------------
 
+def _crashed(name: str, err: Exception) -> list[Result]:
+    if isinstance(err, UserError):
+        return [fail(name, str(err))]
+    return [fail(name, f"the check itself failed: {type(err).__name__}: {err}")]
+
+
 def _guarded(name: str, fn: Callable[[], list[Result]]) -> list[Result]:
     """A check that breaks is one failed line, never the end of the other checks."""
     try:
         return fn()
-    except UserError as err:
-        return [fail(name, str(err))]
     except Exception as err:
-        return [fail(name, f"the check itself failed: {type(err).__name__}: {err}")]
+        return _crashed(name, err)
 
 
 def _memory(cfg: Config, student_ok: bool, student_bytes: int | None) -> dict:
@@ -491,14 +498,20 @@ def _memory(cfg: Config, student_ok: bool, student_bytes: int | None) -> dict:
 
 
 def run_check(cfg: Config) -> list[Result]:
-    results, input_bytes = check_inputs(cfg)
+    try:
+        results, input_bytes = check_inputs(cfg)
+    except Exception as err:
+        results, input_bytes = _crashed("input", err), 0
     results += _guarded("API key", lambda: check_key(cfg))
     results += _guarded("teacher", lambda: check_teacher(cfg)) + check_distill(cfg)
-    student, student_bytes = check_model(cfg.model_name, "model_name", cfg.trust_remote_code, "student")
+    try:
+        student, student_bytes = check_model(cfg.model_name, "model_name", cfg.trust_remote_code, "student")
+    except Exception as err:
+        student, student_bytes = _crashed("student", err), None
     results += student
     if cfg.distill.source == "local" and cfg.distill.local_teacher:
-        results += check_model(cfg.distill.local_teacher, "distill.local_teacher", cfg.teacher.trust_remote_code,
-                               "white-box teacher")[0]
+        results += _guarded("white-box teacher", lambda: check_model(
+            cfg.distill.local_teacher, "distill.local_teacher", cfg.teacher.trust_remote_code, "white-box teacher")[0])
     results += _guarded("folders", lambda: check_folders(cfg))
     mem = _memory(cfg, not any(r.status == "fail" for r in student), student_bytes)
     if student_bytes is None:
