@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shifu.files import atomic_path, hash_obj
+from shifu.files import atomic_path, build_lock, hash_obj
 from shifu.models import end_token_ids
 from shifu.tasks import format_prompt
 
@@ -70,20 +70,36 @@ def encode_one(tok, parts, instruction: str, input_: str, output: str, max_lengt
 
 def encode_examples(tok, examples: list[dict], max_length: int, system_prompt: str | None = None,
                     cache_dir: Path | None = None) -> Encoded:
+    """Encoded examples; with `cache_dir`, built once (by the first of several ranks to get there,
+    the others wait under build_lock) and read back by every later call."""
+    if cache_dir is None:
+        return _encode(tok, examples, max_length, system_prompt)
     key = hash_obj([tok.name_or_path, len(tok), tok.chat_template, max_length, system_prompt,
                     [(e["instruction"], e["input"], e["output"]) for e in examples]])
-    path = cache_dir / f"encoded-{key[:16]}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        z = np.load(path)
-        flat, offsets = z["flat"], z["offsets"]
-        ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        return Encoded(ids, z["answer_start"], int(z["truncated"]))
+    path = Path(cache_dir) / f"encoded-{key[:16]}.npz"
+    with build_lock(path):
+        if path.exists():
+            return _load(path)
+        enc = _encode(tok, examples, max_length, system_prompt)
+        _save(enc, path)
+        return enc
+
+
+def _encode(tok, examples: list[dict], max_length: int, system_prompt: str | None) -> Encoded:
     parts = template_parts(tok, system_prompt)
     rows = [encode_one(tok, parts, e["instruction"], e["input"], e["output"], max_length) for e in examples]
-    enc = Encoded([r[0] for r in rows], np.asarray([r[1] for r in rows], np.int64), sum(r[2] for r in rows))
-    if path is not None:
-        offsets = np.cumsum([0] + [len(r) for r in enc.input_ids])
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, flat=np.concatenate(enc.input_ids) if rows else np.zeros(0, np.int32),
-                     offsets=offsets, answer_start=enc.answer_start, truncated=enc.truncated)
-    return enc
+    return Encoded([r[0] for r in rows], np.asarray([r[1] for r in rows], np.int64), sum(r[2] for r in rows))
+
+
+def _load(path: Path) -> Encoded:
+    z = np.load(path)
+    flat, offsets = z["flat"], z["offsets"]
+    ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return Encoded(ids, z["answer_start"], int(z["truncated"]))
+
+
+def _save(enc: Encoded, path: Path) -> None:
+    offsets = np.cumsum([0] + [len(r) for r in enc.input_ids])
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, flat=np.concatenate(enc.input_ids) if len(enc) else np.zeros(0, np.int32),
+                 offsets=offsets, answer_start=enc.answer_start, truncated=enc.truncated)

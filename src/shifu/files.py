@@ -8,6 +8,9 @@ the hashes of its inputs and settings; a stage whose record still matches is ski
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -35,20 +38,59 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Like atomic_path for a folder: build it aside, then swap it in."""
+    """Like atomic_path for a folder: build it aside, then swap it in. A reader of `target` never
+    finds it missing: an existing folder is exchanged with the new one in one rename (Linux), and
+    only then removed from its temporary name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        if not (target.is_dir() and _exchange(tmp, target)):
+            _replace_dir(tmp, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # after an exchange, the old folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (renameat2 RENAME_EXCHANGE); False where the platform or
+    file system cannot, and the caller falls back to two renames."""
+    rename2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Two renames: `target` is briefly missing. Only where no exchange exists, and build_lock
+    keeps readers of shared caches out of that moment."""
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(target: str | Path) -> Iterator[None]:
+    """One builder of `target` at a time across processes (the ranks of a launch, or two runs):
+    an exclusive flock on `.<name>.lock` beside it. The others wait, then find it built. The kernel
+    drops the lock when its holder dies, so a killed builder never blocks the next."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays, as removing it would race a waiter
 
 
 def write_text(path: str | Path, text: str) -> None:
