@@ -42,6 +42,8 @@ def main() -> int:
     if code == 0:
         print(f"\ndemo done in {time.time() - t0:.0f}s. See runs/demo/: data/distill.jsonl, adapter/, "
               "adapter_merged/, work/eval/samples.md, work/summary.json")
+        print("talk to the student:  .venv/bin/shifu chat configs/demo.yaml\n"
+              "export it (GGUF + Ollama Modelfile):  .venv/bin/shifu export configs/demo.yaml --gguf --quant q4_k_m")
     return code
 
 
