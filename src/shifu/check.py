@@ -422,7 +422,8 @@ def check_disk(cfg: Config, needs: dict[str, int]) -> list[Result]:
     for p, parts in by_fs.values():
         free = shutil.disk_usage(p).free
         need = sum(parts.values())
-        shown = ", ".join(f"{k} {human(v)}" for k, v in parts.items())
+        shown = ", ".join(f"{k} {human(v)}" if v or k != "<output_dir>_merged" else f"{k} unknown (no student size)"
+                          for k, v in parts.items())
         if need > free:
             results.append(fail("disk", f"{p}: about {human(need)} needed ({shown}), {human(free)} free",
                                 "free some space, or point work_dir/output_dir at a bigger disk"))
@@ -482,12 +483,13 @@ def _guarded(name: str, fn: Callable[[], list[Result]]) -> list[Result]:
         return _crashed(name, err)
 
 
-def _memory(cfg: Config, student_ok: bool, student_bytes: int | None) -> dict:
+def _memory(cfg: Config, student_bytes: int | None) -> dict:
     """`shifu estimate`'s memory figure, where something needs it: a GPU to hold it against, or a
-    hub student whose size only its config tells. On CPU with a local folder its seconds are saved."""
+    student whose size only its config tells (a hub name). On CPU with a local folder its seconds
+    are saved."""
     import torch
 
-    if not student_ok or (student_bytes is not None and not torch.cuda.is_available()):
+    if student_bytes is not None and not torch.cuda.is_available():
         return {"note": "no memory estimate needed here"}
     from shifu.estimate import memory_estimate
 
@@ -513,9 +515,9 @@ def run_check(cfg: Config) -> list[Result]:
         results += _guarded("white-box teacher", lambda: check_model(
             cfg.distill.local_teacher, "distill.local_teacher", cfg.teacher.trust_remote_code, "white-box teacher")[0])
     results += _guarded("folders", lambda: check_folders(cfg))
-    mem = _memory(cfg, not any(r.status == "fail" for r in student), student_bytes)
+    mem = _memory(cfg, student_bytes)
     if student_bytes is None:
-        student_bytes = int(_params(mem.get("params")) * 2)
+        student_bytes = int(_params(mem.get("params")) * 2)  # bf16, as the merged model is saved
     # LoRA's share of the weights where the estimate did not count it: ~1% of the parameters at r=16
     lora = _params(mem.get("lora_params")) or student_bytes / 2 * 0.01 * cfg.lora.r / 16
     needs = disk_needs(cfg, input_bytes, student_bytes, lora)
