@@ -240,7 +240,10 @@ class FakeServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.loop.call_soon_threadsafe(self._stop.set)
+        try:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        except RuntimeError:  # its lifetime ran out first (a slow machine): the loop is closed already
+            pass
         self.thread.join(10)
 
     @property

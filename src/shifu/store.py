@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from shifu.errors import UserError
+from shifu.records import StoredAnswer
 from shifu.teacher import Answer
 
 _SCHEMA = """
@@ -69,7 +70,7 @@ class Store:
             fix = "make it writable or set work_dir to a folder you can write, then rerun"
         return UserError(f"teacher store {self.path}: cannot write ({text}); {fix}")
 
-    def get(self, key: str) -> dict | None:
+    def get(self, key: str) -> StoredAnswer | None:
         """The stored answer for a key, or None when it has none yet (never asked, or failed)."""
         row = self.db.execute("SELECT content, finish_reason, flags, usage, cost, logprobs FROM answers "
                               "WHERE key = ? AND status = 'ok'", (key,)).fetchone()
