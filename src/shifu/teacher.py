@@ -248,6 +248,8 @@ class OpenAIClient:
 
     def _fatal(self, status: int, body: str) -> TeacherError:
         detail = self._scrub(body.strip().replace("\n", " "))[:200]
+        if detail.startswith("<"):  # a web server's error page: its markup says nothing more
+            detail = "an HTML page"
         hint = _FATAL_HINT.get(status, "the server refused the request")
         if status in (400, 404) and re.search(r"model.{0,20}(not exist|not found|does not exist|unknown)", detail, re.I):
             hint = "teacher.model ({model}) is unknown to the server; set teacher.model to a model it serves"
