@@ -151,16 +151,53 @@ def test_a_packed_run_crashed_after_an_evaluated_epoch_resumes_exactly(prepared,
     assert_same(adapter(ref), adapter(cut), 1e-5)
 
 
-def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path):
-    one, one_yaml = variant(prepared, tmp_path, "one", train__max_steps=4, batch_size=4)
+LAUNCH = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", "29533"],
+    # the shipped config as the README gives it, on CPU processes: no --cpu, no precision override
+    "accelerate-ddp": [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
+                       "--main_process_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCH)
+def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, launcher):
+    one, _ = variant(prepared, tmp_path, "one", train__max_steps=4, batch_size=4)
     two, two_yaml = variant(prepared, tmp_path, "two", train__max_steps=4, batch_size=2)
-    assert run_shifu("train", one_yaml).returncode == 0
-    env = {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", "29533", "-m", "shifu", "train", str(two_yaml)],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    run_train(one)
+    res = subprocess.run([*LAUNCH[launcher], "-m", "shifu", "train", str(two_yaml)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same(adapter(one), adapter(two), 1e-4)
     # trained: peft starts every lora_B at zero, so a nonzero lora_B means the steps moved the adapter
     trained = {k: v for k, v in adapter(one).items() if "lora_B" in k}
     assert trained and all(v.abs().max() > 0 for v in trained.values())
+
+
+def test_fsdp_on_cpu_processes_stops_instead_of_running_ddp(prepared, tmp_path):
+    """accelerate runs CPU processes as DDP whatever the config says; shifu says so and stops."""
+    cfg, yaml = variant(prepared, tmp_path, "fsdp", train__max_steps=1)
+    res = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
+                          "--main_process_port", "29535", "-m", "shifu", "train", str(yaml)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    # one line from shifu (the launcher adds its own traceback about a failed child)
+    assert "error: the accelerate config asks for FSDP" in res.stderr, res.stderr[-3000:]
+    assert 'shifu/train.py"' not in res.stderr
+    assert not (Path(cfg.output_dir) / "adapter_model.safetensors").exists()
+
+
+def test_check_launch_names_what_the_launcher_asked_for(monkeypatch):
+    from types import SimpleNamespace
+
+    from shifu.errors import UserError
+    from shifu.train import check_launch
+
+    ddp = SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
+    check_launch(ddp)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UserError, match="DeepSpeed"):
+        check_launch(ddp)
+    check_launch(SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=True))

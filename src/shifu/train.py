@@ -291,6 +291,16 @@ def _checkpoint_to_resume(cfg: Config, fingerprint: str) -> str | None:
     return str(done[-1]) if done else None
 
 
+def check_launch(trainer) -> None:
+    """A launch that asks for FSDP or DeepSpeed gets it, or stops: accelerate would otherwise run CPU
+    processes as plain DDP without a word (its MULTI_CPU mode has neither), so nothing is sharded."""
+    for name, env, enabled in (("FSDP", "ACCELERATE_USE_FSDP", trainer.is_fsdp_enabled),
+                               ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", trainer.is_deepspeed_enabled)):
+        if os.environ.get(env, "false").lower() == "true" and not enabled:
+            raise UserError(f"the accelerate config asks for {name}, which accelerate runs only on GPUs; on CPU "
+                            "launch with configs/accelerate/ddp.yaml (--num_processes N) instead")
+
+
 def _complete(checkpoint: Path) -> bool:
     """The Trainer writes trainer_state.json last; a kill during a save leaves it missing or torn."""
     import json
@@ -321,6 +331,7 @@ def run_train(cfg: Config) -> dict:
         model=model, args=training_args(cfg, enc_eval is not None, packing), train_dataset=SFTDataset(enc_train, targets),
         eval_dataset=SFTDataset(enc_eval) if enc_eval is not None else None, distill=cfg.distill,
         data_collator=lambda items: collate(items, packing, tok.pad_token_id))
+    check_launch(trainer)
     if resume:
         log.info("resuming from %s", resume)
     t0 = time.time()
