@@ -130,6 +130,7 @@ STUDENT = Path(os.environ.get("SHIFU_CACHE", Path.home() / ".cache" / "shifu")) 
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 @needs_converter
 @pytest.mark.skipif(not (STUDENT / "config.json").exists(), reason="python scripts/fetch_models.py qwen0.5b")
 @pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed")

@@ -309,6 +309,7 @@ def run_export(cfg: Config, quant: str = "q8_0", check: bool = True, pre_tokeniz
     dest = gguf_path(cfg, quant)
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(merged, dest, quant, pre_tokenizer)
+    dest.chmod(0o644)  # the temporary file was private; Ollama and servers run as other users
     meta = gguf_metadata(dest)
     tok = load_tokenizer(str(merged))
     _check_metadata(meta, tok, dest)
