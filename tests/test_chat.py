@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
-
 from conftest import run_shifu, write_config
+
 from shifu.chat import Speaker, answer, load_speakers, repl, resolve, run_chat
 from shifu.errors import UserError
 from shifu.models import end_token_ids, load_causal_lm, load_tokenizer

@@ -16,8 +16,16 @@ from pathlib import Path
 import pytest
 
 from shifu.errors import UserError
-from shifu.export import (CHATML_GO, agreement, converter_dir, gguf_metadata, modelfile, ollama_template,
-                          run_export, unpack_converter)
+from shifu.export import (
+    CHATML_GO,
+    agreement,
+    converter_dir,
+    gguf_metadata,
+    modelfile,
+    ollama_template,
+    run_export,
+    unpack_converter,
+)
 from shifu.models import FALLBACK_TEMPLATE, load_tokenizer
 
 needs_converter = pytest.mark.skipif(not (converter_dir() / "convert_hf_to_gguf.py").exists(),

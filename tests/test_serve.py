@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib.util
+import shutil
 import sys
 import types
 
 import pydantic
+import pytest
 
+import shifu.export
+import shifu.serve
+from shifu.errors import UserError
 from shifu.serve import server_env
 
 
@@ -28,16 +36,6 @@ def test_server_env_drops_variables_the_server_reads_as_settings(monkeypatch):
 
 # ---- shifu serve: the student behind the teacher's API ------------------------------------------------
 
-import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
-import shutil  # noqa: E402
-
-import pytest  # noqa: E402
-
-import shifu.export  # noqa: E402
-import shifu.serve  # noqa: E402
-from shifu.errors import UserError  # noqa: E402
 
 
 def test_serve_exports_a_missing_gguf_then_serves_it_on_loopback(make_config, monkeypatch):

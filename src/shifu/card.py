@@ -28,8 +28,8 @@ def base_license(model_name: str, depth: int = 0) -> str | None:
     folder = Path(model_name).expanduser()
     readme = folder / "README.md"
     if readme.exists():
-        match = re.search(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-        found = match and re.search(r"^license:\s*(\S+)", match.group(1), re.M)
+        match = re.search(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
+        found = match and re.search(r"^license:\s*(\S+)", match.group(1), re.MULTILINE)
         if found and found.group(1).strip("'\"") != "other":
             return found.group(1).strip("'\"")
     saved = folder / "shifu_config.yaml"

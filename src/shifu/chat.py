@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from shifu.errors import UserError
 
@@ -90,7 +91,7 @@ def load_speakers(t: Target, compare: bool) -> list[Speaker]:
     from shifu.models import load_causal_lm, load_tokenizer
 
     where = placement(t.precision)
-    load = lambda name: load_causal_lm(name, t.trust_remote_code, where.dtype).to(where.device).eval()  # noqa: E731
+    load = lambda name: load_causal_lm(name, t.trust_remote_code, where.dtype).to(where.device).eval()
     tok = load_tokenizer(t.adapter or t.trained, t.trust_remote_code, padding_side="left")
     if t.adapter:
         from peft import PeftModel

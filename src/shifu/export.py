@@ -18,7 +18,6 @@ Output folder:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -198,7 +197,7 @@ def ollama_template(tok) -> tuple[str | None, str | None]:
 
 def modelfile(tok, gguf_name: str, end_tokens: list[str]) -> str:
     template, system = ollama_template(tok)
-    lines = [f"# Made by `shifu export`. Use it: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# Made by `shifu export`. Use it: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     if template:
         lines.append(f'TEMPLATE """{template}"""')
     else:

@@ -21,8 +21,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from shifu.errors import UserError
 
@@ -64,13 +64,16 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, seconds: float
 
 @contextlib.contextmanager
 def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: int = 4096,
-                     port: int = 8765, ready_s: float = 300, host: str = "127.0.0.1") -> Iterator[str]:
+                     port: int = 8765, ready_s: float = 300, host: str = "127.0.0.1",
+                     extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+    """extra_args go last on the server's command line, so they override the settings here
+    (bench/teacher_server.py times n_threads and n_batch with them)."""
     if not Path(gguf).exists():
         raise UserError(f"{gguf}: GGUF file not found; run `make demo-models` (scripts/fetch_models.py)")
     port = free_port(port)
     url = f"http://127.0.0.1:{port}/v1"  # where this machine reaches it, whatever address it binds
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
-           "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1), "--model_alias", alias]
+           "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1), "--model_alias", alias, *extra_args]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
