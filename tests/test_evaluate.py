@@ -171,3 +171,13 @@ def test_estimate_counts_the_judge_requests_and_times_the_student(make_config):
     assert est["judge_max_cost"] > 0 and est["judge_input_tokens"] > 0
     assert isinstance(est["student_seconds"], float) and "cpu" in est["time_assumes"]
     assert eval_estimate(make_config(eval__judge=False))["judge_requests"] == 0
+
+
+def test_answered_examples_are_spread_over_chunks_and_kinds():
+    from shifu.evaluate import spread
+
+    held = [{"chunk_id": c, "category": k, "n": i} for i, (c, k) in enumerate(
+        [(1, "问答"), (1, "问答"), (1, "问答"), (1, "文章生成"), (2, "问答"), (2, "问答"), (3, "文章生成")])]
+    picked = spread(held, 4)
+    assert [(e["chunk_id"], e["category"]) for e in picked] == [(1, "问答"), (1, "文章生成"), (2, "问答"), (3, "文章生成")]
+    assert len(spread(held, 100)) == len(held) and spread(held, 0) == []

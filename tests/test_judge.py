@@ -91,3 +91,10 @@ def test_identical_answers_are_a_tie_and_never_sent(make_config, fake_server):
     records, calls = judge_pairs(cfg, [same, _pair()])
     assert records[0]["outcome"] == "tie" and records[0]["identical"]
     assert calls["identical_pairs"] == 1 and calls["requests"] == 2 and sum(server.requests_by_key.values()) == 2
+
+
+def test_an_open_book_prompt_carries_the_passage_once():
+    passage = "孔乙己是站着喝酒而穿长衫的唯一的人。"
+    p = Pair(id="o", passage=passage, prompt=f"请根据下面的文本回答。\n\n{passage}\n\n问题：孔乙己穿什么？", category="问答",
+             lang="zh", first="长衫", second="短衣")
+    assert judge_prompt(p, False).count(passage) == 1

@@ -210,7 +210,7 @@ def _judge(cfg: Config, held_samples: list[dict], knowledge: list[dict]) -> dict
     from shifu.stats import win_rates
 
     sets = {"vs_base": [], "vs_teacher": [], "knowledge": []}
-    for k, s in enumerate(held_samples):
+    for k, s in enumerate(held_samples[: cfg.eval.generate_examples]):  # the rest are shown, not judged
         common = dict(passage=s["passage"], prompt=s["prompt"], category=s["category"], lang=s["lang"])
         sets["vs_base"].append(Pair(id=f"base:{k}", first=s["trained"], second=s["base"], **common))
         sets["vs_teacher"].append(Pair(id=f"teacher:{k}", first=s["trained"], second=s["teacher"], **common))
@@ -231,30 +231,33 @@ def _judge(cfg: Config, held_samples: list[dict], knowledge: list[dict]) -> dict
     return out
 
 
-def run_eval(cfg: Config) -> dict:
+def spread(held: list[dict], n: int) -> list[dict]:
+    """n held-out examples taken in turn from each (chunk, kind), so a few samples cover many chunks
+    and both task kinds instead of the first chunk's questions."""
+    groups: dict[tuple, list[dict]] = {}
+    for ex in held:
+        groups.setdefault((ex["chunk_id"], ex["category"]), []).append(ex)
+    out, rank = [], 0
+    while len(out) < min(n, len(held)):
+        out += [g[rank] for g in groups.values() if rank < len(g)][: n - len(out)]
+        rank += 1
+    return out
+
+
+def _score_both(cfg: Config, model, tok, held: list[dict], batch: int, device) -> tuple[np.ndarray, np.ndarray, dict]:
     from shifu.targets import build_targets
 
-    if not cfg.eval_jsonl_path.exists():
-        raise UserError(f"{cfg.eval_jsonl_path}: no held-out examples; run `shifu dataset` with eval.eval_ratio > 0")
-    held = list(read_jsonl(cfg.eval_jsonl_path))[: cfg.eval.max_examples]
-    if not held:
-        return {"held_out_examples": 0, "note": "eval.eval_ratio left no held-out chunk"}
-    if not (Path(cfg.output_dir) / "adapter_config.json").exists():
-        raise UserError(f"{cfg.output_dir}: no trained adapter; run `shifu train` first")
-    times: dict[str, float] = {}
-    t = time.time()
-    tok, model, device = load_student(cfg)
-    batch = eval_batch_size(cfg, device)
     enc = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cfg.work / "cache")
     targets, kd_info = build_targets(cfg, tok, held, enc, scoring=True)
     with model.disable_adapter():
-        rows_before = score(model, enc, targets, tok.pad_token_id, batch, device)
-    rows_after = score(model, enc, targets, tok.pad_token_id, batch, device)
-    times["scoring"] = round(time.time() - t, 2)
+        before = score(model, enc, targets, tok.pad_token_id, batch, device)
+    return before, score(model, enc, targets, tok.pad_token_id, batch, device), kd_info
 
-    t = time.time()
+
+def _answer_both(cfg: Config, model, tok, held: list[dict], batch: int, device) -> tuple[list[dict], list[dict]]:
+    """Base and trained answers to held-out prompts (with the teacher's) and to knowledge questions."""
     chunks = {c["chunk_id"]: c for c in _read_optional(cfg.work / "chunks.jsonl")}
-    answered = held[: max(cfg.eval.generate_examples, cfg.eval.num_samples)]
+    answered = spread(held, max(cfg.eval.generate_examples, cfg.eval.num_samples))
     knowledge = _knowledge_set(cfg)
     prompts = [format_prompt(ex["instruction"], ex["input"]) for ex in answered]
     got = _answers(model, tok, prompts + [format_prompt(q["question"]) for q in knowledge], cfg, batch, device)
@@ -264,22 +267,41 @@ def run_eval(cfg: Config) -> dict:
         samples.append({"chunk_id": ex["chunk_id"], "category": ex["category"], "prompt": prompts[k],
                         "lang": chunk.get("lang", "zh"), "passage": chunk.get("text", ex["input"]),
                         "base": got["base"][k], "trained": got["trained"][k], "teacher": ex["output"]})
-    for k, q in enumerate(knowledge):
-        q.update(base=got["base"][len(answered) + k], trained=got["trained"][len(answered) + k],
-                 passage=chunks.get(q["chunk_id"], {}).get("text", ""))
-    times["generation"] = round(time.time() - t, 2)
-    del model
+    for k, q in enumerate(knowledge, len(answered)):
+        q.update(base=got["base"][k], trained=got["trained"][k], passage=chunks.get(q["chunk_id"], {}).get("text", ""))
+    return samples, knowledge
 
-    report = {"held_out_examples": len(held), "before": summarize(rows_before), "after": summarize(rows_after),
-              "changes": score_changes(rows_before, rows_after, cfg), **kd_info}
+
+def run_eval(cfg: Config) -> dict:
+    if not cfg.eval_jsonl_path.exists():
+        raise UserError(f"{cfg.eval_jsonl_path}: no held-out examples; run `shifu dataset` with eval.eval_ratio > 0")
+    held = list(read_jsonl(cfg.eval_jsonl_path))[: cfg.eval.max_examples]
+    if not held:
+        return {"held_out_examples": 0, "note": "eval.eval_ratio left no held-out chunk"}
+    if not (Path(cfg.output_dir) / "adapter_config.json").exists():
+        raise UserError(f"{cfg.output_dir}: no trained adapter; run `shifu train` first")
+    clock = [time.time()]
+    times: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        times[name] = round(time.time() - clock[0], 2)
+        clock[0] = time.time()
+
+    tok, model, device = load_student(cfg)
+    batch = eval_batch_size(cfg, device)
+    before, after, kd_info = _score_both(cfg, model, tok, held, batch, device)
+    lap("scoring")
+    samples, knowledge = _answer_both(cfg, model, tok, held, batch, device)
+    lap("generation")
+    del model
+    report = {"held_out_examples": len(held), "before": summarize(before), "after": summarize(after),
+              "changes": score_changes(before, after, cfg), **kd_info}
     report["loss_change"] = round(report["after"]["loss"] - report["before"]["loss"], 4)
     report["overlap"] = _overlap(samples, cfg)
-    t = time.time()
     report["judge"] = _judge(cfg, samples, knowledge) if cfg.eval.judge else {"skipped": "eval.judge is false"}
-    times["judge"] = round(time.time() - t, 2)
-    t = time.time()
+    lap("judge")
     report["general"] = _general(cfg)
-    times["general"] = round(time.time() - t, 2)
+    lap("general")
     report.update(answered_examples=len(samples), knowledge_questions=len(knowledge), seconds=times,
                   batch_size=batch, device=str(device))
     _write(cfg, report, samples, knowledge)

@@ -32,6 +32,7 @@ RUBRIC = {
 }
 CLOSED_BOOK = {"zh": "（回答者没有看到原文，只看到了问题。）",
                "en": "(The answerers did not see the passage, only the question.)"}
+IN_TASK = {"zh": "（原文就在下面的任务里。）", "en": "(The passage is part of the task below.)"}
 TEMPLATE = {
     "zh": ("你是严格公正的评审。下面是一段原文、一个任务和两个回答。\n\n【原文】\n{passage}\n\n【任务】{note}\n{prompt}\n\n"
            "【评判标准】{rubric} 不要因为回答更长而偏向它。\n\n【回答 A】\n{a}\n\n【回答 B】\n{b}\n\n"
@@ -76,7 +77,9 @@ def judge_prompt(pair: Pair, swapped: bool) -> str:
     rubric = RUBRIC[lang].get(pair.category, RUBRIC[lang]["问答"])
     a, b = (pair.second, pair.first) if swapped else (pair.first, pair.second)
     note = CLOSED_BOOK[lang] if pair.closed_book else ""
-    return TEMPLATE[lang].format(passage=pair.passage, prompt=pair.prompt, rubric=rubric, note=note,
+    # An open-book prompt already holds the passage: once is enough, and halves the judge's input.
+    passage = IN_TASK[lang] if pair.passage and pair.passage in pair.prompt else pair.passage
+    return TEMPLATE[lang].format(passage=passage, prompt=pair.prompt, rubric=rubric, note=note,
                                  a=a.strip() or "（空）", b=b.strip() or "（空）")
 
 
@@ -170,6 +173,7 @@ def eval_sizes(cfg: Config) -> dict:
     trained_questions = (len(chunks) - held_chunks) * cfg.tasks.qa_per_chunk * cfg.enable_qa
     passage = sum(estimate_tokens(c["text"]) for c in chunks) / max(len(chunks), 1)
     return {"held_out_examples": held, "answered": min(held, max(cfg.eval.generate_examples, cfg.eval.num_samples)),
+            "judged": min(held, cfg.eval.generate_examples),
             "knowledge": min(cfg.eval.knowledge_questions, trained_questions), "passage_tokens": passage}
 
 
@@ -180,10 +184,10 @@ def judge_estimate(cfg: Config) -> dict:
     if not cfg.eval.judge:
         return {"judge_requests": 0}
     sizes, tc = eval_sizes(cfg), judge_teacher(cfg)
-    pairs = 2 * sizes["answered"] + sizes["knowledge"]  # vs base and vs teacher; knowledge vs base
+    pairs = 2 * sizes["judged"] + sizes["knowledge"]  # vs base and vs teacher; knowledge vs base
     overhead = estimate_tokens(TEMPLATE["zh"] + RUBRIC["zh"]["问答"]) + 40  # the task's instruction
-    # The passage appears twice (the passage block, and the open-book prompt that holds it).
-    per_request = overhead + 2 * sizes["passage_tokens"] + 2 * cfg.eval.max_new_tokens
+    # The passage appears once (open-book prompts hold it, and then the passage block does not).
+    per_request = overhead + sizes["passage_tokens"] + 2 * cfg.eval.max_new_tokens
     requests = 2 * pairs
     usage = {"prompt_tokens": int(requests * per_request), "completion_tokens": requests * tc.max_tokens}
     price = tc.prices.get(tc.model) if tc.kind == "openai" else None
