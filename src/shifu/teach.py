@@ -342,7 +342,7 @@ class Runner:
 
 # ---- the stage ----------------------------------------------------------------------------------
 
-def schedule(runner: Runner, tasks: list[dict], cfg: Config) -> None:
+def schedule(runner: Runner, tasks: list[Task], cfg: Config) -> None:
     """Queue every teacher task; a proposal's answer queues its re-ask or its questions' answers."""
     for task in tasks:
         if task["source"] != "teacher":
@@ -351,7 +351,7 @@ def schedule(runner: Runner, tasks: list[dict], cfg: Config) -> None:
             runner.add(task_request(task, cfg))
             continue
 
-        def on_questions(stored: dict, task=task, reask: bool = False) -> None:
+        def on_questions(stored: StoredAnswer, task=task, reask: bool = False) -> None:
             try:
                 questions = parse_questions(stored["content"], cfg.tasks.qa_per_chunk)
             except ValueError:
