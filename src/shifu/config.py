@@ -77,6 +77,10 @@ def _default_prices() -> dict[str, Price]:
     }
 
 
+class DatasetConfig(Section):
+    formats: list[Literal["messages", "sharegpt"]] = Field(default_factory=list, description="Extra files beside the Alpaca JSONL: messages (OpenAI-style, reasoning as reasoning_content), sharegpt; with dataset_info.json for LLaMA-Factory.")
+
+
 class TeacherConfig(Section):
     kind: Literal["openai", "local"] = Field("openai", description="openai: any OpenAI-compatible chat-completions server; local: an in-process Hugging Face model.")
     base_url: str = Field("https://api.deepseek.com", description="Server root; /chat/completions is appended (a trailing /v1 is kept).")
@@ -102,6 +106,8 @@ class TeacherConfig(Section):
     peak_pricing: bool = Field(True, description="Use peak rates on weekdays 01:00-04:00 and 06:00-10:00 UTC where a peak price is given.")
     local_batch_size: int = Field(4, ge=1, description="Prompts generated together by the local teacher.")
     trust_remote_code: bool = Field(False, description="Let the local teacher run code shipped with its weights.")
+    thinking: bool = Field(False, description="Ask the teacher to think first (DeepSeek: thinking enabled in place of extra_body's disabled switch) and store its reasoning with the answer.")
+    expected_reasoning_tokens: int = Field(1000, ge=0, le=65536, description="Reasoning tokens an answer is expected to take when thinking is on (billed as output), for `shifu estimate`.")
 
 
 class LoraConfig(Section):
@@ -126,6 +132,7 @@ class TrainConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 runs num_epochs.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    warmup_steps: int | None = Field(None, ge=0, le=1_000_000, description="Optimizer steps of linear warm-up, overriding warmup_ratio (which rounds up: any ratio costs a short run its first step, taken at learning rate 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (linear, cosine, constant, ...).")
     packing: bool | Literal["auto"] = Field("auto", description="true: each batch in one row with per-example positions (no padding, no cross-attention); false: padded rows grouped by length; auto: packing only with a flash-attention kernel, which skips the blocks between examples.")
@@ -138,6 +145,8 @@ class TrainConfig(Section):
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"], description="Trackers for the Trainer (tensorboard, wandb, none).")
     seed: int = Field(42, description="Seed for weights of new layers, data order and dropout.")
     system_prompt: str | None = Field(None, description="System message for the chat template; None keeps the template's own default.")
+    reasoning: Literal["include", "drop"] = Field("include", description="Teacher reasoning in the target of a student whose chat template does not render it: include (inside reasoning_tag) or drop (answer alone).")
+    reasoning_tag: str = Field("think", pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,31}$", description="Tag that wraps included reasoning: <tag>...</tag> before the answer.")
 
 
 class EvalConfig(Section):
@@ -177,6 +186,7 @@ class Config(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
     data: DataConfig = Field(default_factory=DataConfig)
     tasks: TasksConfig = Field(default_factory=TasksConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="Dataset files written beside the Alpaca JSONL for other training tools.")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
@@ -205,6 +215,9 @@ class Config(Section):
         if self.distill.source == "local" and not self.distill.local_teacher:
             out.append("distill.source is local but distill.local_teacher is not set")
         tc = self.teacher
+        if tc.thinking and tc.kind != "openai":
+            out.append("teacher.thinking needs teacher.kind openai (a server that returns reasoning_content); "
+                       "set teacher.thinking to false for a local teacher")
         if tc.max_cost is not None and tc.kind == "openai" and tc.model not in tc.prices:
             # Without a price nothing can be counted, and a budget that is silently ignored is worse than none.
             out.append(f"teacher.max_cost is set but teacher.prices has no entry for teacher.model '{tc.model}'; "

@@ -130,7 +130,8 @@ def build_examples(tasks: list[Task], chunks: dict[int, Chunk], cfg: Config,
                     rejected.append({**ex, "output": stored["content"], **base, "kind": task["kind"],
                                      "reason": verdicts[key]})
             if verdicts[key] is None:
-                examples.append({**ex, "output": output.strip(), **base, "kind": task["kind"], "key": key})
+                thought = {"reasoning": stored["reasoning"].strip()} if stored.get("reasoning") else {}
+                examples.append({**ex, "output": output.strip(), **base, "kind": task["kind"], "key": key, **thought})
     return examples, rejected, counts
 
 

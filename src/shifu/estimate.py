@@ -84,13 +84,17 @@ def teacher_estimate(cfg: Config) -> dict:
     finally:
         if store:
             store.close()
+    # A thinking teacher reasons before every answer (proposals too), billed as output.
+    reasoning = requests * tc.expected_reasoning_tokens if tc.thinking else 0
+    expected_out += reasoning
     price = tc.prices.get(tc.model) if tc.kind == "openai" else None
     usage = {"prompt_tokens": inputs, "completion_tokens": int(expected_out)}
     off = price_of(usage, price, False)
     peak = price_of(usage, price, True, when=_peak_time()) if price else None
     worst = price_of({"prompt_tokens": inputs, "completion_tokens": max_out}, price, True, when=_peak_time())
     return {"requests": requests, "already_answered": stored, "input_tokens": inputs, "tokens_counted_with": counted_with,
-            "expected_output_tokens": int(expected_out), "max_output_tokens": max_out,
+            "expected_output_tokens": int(expected_out), "expected_reasoning_tokens": reasoning,
+            "max_output_tokens": max_out,
             "price_model": tc.model if price else f"{tc.model} (no price in teacher.prices)",
             "expected_cost_off_peak": off, "expected_cost_peak": peak, "max_cost_peak": worst,
             "max_cost_limit": tc.max_cost}

@@ -18,6 +18,10 @@ deterministic, so a test can check that each fault is retried (or flagged) and t
 404, ...), at once, without the latency: requests already in flight still get their answers.
 `no_logprobs` ignores `logprobs` as some servers do. `wrong_api` plays a server that is not
 OpenAI-compatible (404, 405, 501, "html" or "json" with 200). `arrivals` lists (monotonic time, key).
+`reasoning_field` ("reasoning_content" as DeepSeek, or "reasoning") plays a thinking teacher: a
+short reasoning under that field, counted in usage.completion_tokens_details.reasoning_tokens; the
+extra fault cut_reasoning (never drawn unless listed in `faults`) stops it at max_tokens while still
+reasoning. `refuse_logprobs` answers 400 to any request asking for logprobs, as some thinking servers do.
 It binds 127.0.0.1 only and stops itself after `lifetime` seconds.
 """
 
@@ -37,6 +41,7 @@ from aiohttp import web
 
 FAULTS = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json",
           "keepalive", "empty", "length", "refusal"]
+EXTRA_FAULTS = ["cut_reasoning"]  # only when asked for by name
 KEEPALIVE = b"\n\n: keep-alive\n\n\n\n"  # what DeepSeek sends while a busy request waits
 JUDGE_MARKERS = ("[[A]]", "[[B]]", "[[C]]")  # shifu.judge's verdicts
 
@@ -46,14 +51,16 @@ class FakeBackend:
                  fatal_status: int | None = None, seed: int = 0, tokenizer: str | None = None,
                  timeout_sleep: float = 30.0, fault_first: int = 0, retry_after: str = "0",
                  fatal_after: int = 0, no_logprobs: bool = False, echo_key: bool = False,
-                 wrong_api: int | str | None = None):
+                 wrong_api: int | str | None = None, reasoning_field: str | None = None,
+                 refuse_logprobs: bool = False):
         self.latency, self.fault_rate, self.fatal_status = latency, fault_rate, fatal_status
         self.faults = faults or FAULTS
-        unknown = set(self.faults) - set(FAULTS)
+        unknown = set(self.faults) - set(FAULTS) - set(EXTRA_FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; choose from {','.join(FAULTS)}")
         self.fault_first, self.retry_after, self.fatal_after = fault_first, retry_after, fatal_after
         self.no_logprobs = no_logprobs
+        self.reasoning_field, self.refuse_logprobs = reasoning_field, refuse_logprobs
         self.wrong_api = wrong_api  # not a chat-completions server at all (see _wrong_api)
         self.echo_key = echo_key  # a careless server that quotes the key back in its 401 body
         self.rng = random.Random(seed)
@@ -130,12 +137,21 @@ class FakeBackend:
         elif fault == "blank_json" and body.get("response_format"):
             text = ""
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        thought = ""
+        if self.reasoning_field:
+            thought = ("Let me think. " + text[: max(1, len(text) // 3)]) if text else "Let me think."
+            if fault == "cut_reasoning":
+                thought, text, finish = thought[: len(thought) // 2], "", "length"
+                choice.update(message={"role": "assistant", "content": text}, finish_reason=finish)
+            choice["message"][self.reasoning_field] = thought
         if body.get("logprobs") and body.get("top_logprobs") is not None and not self.no_logprobs:
             choice["logprobs"] = self.logprobs(body, text)
         prompt_tokens = len(body["messages"][-1]["content"]) // 2 + 8
         hit = prompt_tokens // 3
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, len(text) // 2),
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max(1, (len(text) + len(thought)) // 2),
                  "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_tokens - hit}
+        if thought:
+            usage["completion_tokens_details"] = {"reasoning_tokens": max(1, len(thought) // 2)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {"id": "fake-" + key[:12], "object": "chat.completion", "created": int(time.time()),
                 "model": body.get("model"), "choices": [choice], "usage": usage}
@@ -154,6 +170,9 @@ class FakeBackend:
         if self.fatal_status and self.received > self.fatal_after:
             message = f"fake fatal error for {auth}" if self.echo_key else "fake fatal error"
             return web.json_response({"error": {"message": message, "type": "fake"}}, status=self.fatal_status)
+        if self.refuse_logprobs and body.get("logprobs"):
+            return web.json_response({"error": {"message": "logprobs is not supported in thinking mode",
+                                                "type": "invalid_request_error"}}, status=400)
         if self.latency:
             await asyncio.sleep(self.latency)
         fault = self._draw_fault(key)

@@ -40,6 +40,7 @@ class StoredAnswer(TypedDict):
     usage: dict
     cost: float | None
     logprobs: bytes | None  # shifu.teacher.pack_logprobs
+    reasoning: NotRequired[str]  # a thinking teacher's reasoning; "" when none
 
 
 class Example(TypedDict):
@@ -52,4 +53,5 @@ class Example(TypedDict):
     category: Literal["问答", "文章生成"]
     kind: str
     key: str | None  # the stored answer it came from; None for examples from the text itself
+    reasoning: NotRequired[str]  # the teacher's reasoning before this output (teacher.thinking)
     split: NotRequired[Literal["train", "eval"]]

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS answers (
     logprobs BLOB,                   -- shifu.teacher.pack_logprobs
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    reasoning TEXT                   -- a thinking teacher's reasoning (added later: see _migrate)
 )"""
 
 
@@ -49,8 +50,15 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.OperationalError) as err:
             raise self.write_error(err) from None
+
+    def _migrate(self) -> None:
+        """A store written before the reasoning column gets it (NULL: no reasoning), so it keeps working."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(answers)")}
+        if "reasoning" not in columns:
+            self.db.execute("ALTER TABLE answers ADD COLUMN reasoning TEXT")
 
     def __enter__(self) -> "Store":
         return self
@@ -72,12 +80,12 @@ class Store:
 
     def get(self, key: str) -> StoredAnswer | None:
         """The stored answer for a key, or None when it has none yet (never asked, or failed)."""
-        row = self.db.execute("SELECT content, finish_reason, flags, usage, cost, logprobs FROM answers "
+        row = self.db.execute("SELECT content, finish_reason, flags, usage, cost, logprobs, reasoning FROM answers "
                               "WHERE key = ? AND status = 'ok'", (key,)).fetchone()
         if row is None:
             return None
         return {"content": row[0], "finish_reason": row[1], "flags": json.loads(row[2]),
-                "usage": json.loads(row[3]), "cost": row[4], "logprobs": row[5]}
+                "usage": json.loads(row[3]), "cost": row[4], "logprobs": row[5], "reasoning": row[6] or ""}
 
     def logprobs(self, key: str) -> bytes | None:
         row = self.db.execute("SELECT logprobs FROM answers WHERE key = ? AND status = 'ok'", (key,)).fetchone()
@@ -93,12 +101,13 @@ class Store:
         """Commit several answers in one transaction: all of them are on disk when this returns, or none."""
         now = time.time()
         values = [(key, ans.content, ans.finish_reason, json.dumps(ans.flags), json.dumps(ans.usage), cost,
-                   ans.logprobs, attempts, now) for key, ans, cost, attempts in rows]
+                   ans.logprobs, attempts, now, ans.reasoning or None) for key, ans, cost, attempts in rows]
         try:
             self.db.execute("BEGIN")
             try:
-                self.db.executemany("INSERT OR REPLACE INTO answers VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
-                                    values)
+                self.db.executemany("INSERT OR REPLACE INTO answers (key, status, content, finish_reason, flags, "
+                                    "usage, cost, logprobs, error, attempts, updated_at, reasoning) "
+                                    "VALUES (?, 'ok', ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?)", values)
                 self.db.execute("COMMIT")
             except BaseException:
                 # SQLite may have rolled back already (a full disk does): a second rollback would

@@ -28,10 +28,14 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
 
+import logging
+
 import numpy as np
 
 from shifu.config import Price, TeacherConfig
 from shifu.errors import TeacherError, UserError
+
+log = logging.getLogger("shifu")
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Request:
     @staticmethod
     def build(tc: TeacherConfig, prompt: str, json_mode: bool = False, logprobs: bool = True) -> "Request":
         messages = [{"role": "user", "content": prompt}]
-        params: dict[str, Any] = {"temperature": tc.temperature, "max_tokens": tc.max_tokens, **tc.extra_body}
+        params: dict[str, Any] = {"temperature": tc.temperature, "max_tokens": tc.max_tokens,
+                                  **thinking_body(tc.extra_body, tc.thinking)}
         if tc.top_p is not None:
             params["top_p"] = tc.top_p
         if json_mode and tc.json_mode:
@@ -57,6 +62,19 @@ class Request:
         return Request(key, messages, params, estimate_tokens(prompt))
 
 
+def thinking_body(extra: dict, thinking: bool) -> dict:
+    """extra_body, with DeepSeek's thinking switch (and vLLM's enable_thinking) turned on when asked;
+    a server without a switch in extra_body is left to think or not as it does by default."""
+    if not thinking:
+        return extra
+    out = dict(extra)
+    if "thinking" in out:
+        out["thinking"] = {"type": "enabled"}
+    if isinstance(out.get("chat_template_kwargs"), dict) and "enable_thinking" in out["chat_template_kwargs"]:
+        out["chat_template_kwargs"] = {**out["chat_template_kwargs"], "enable_thinking": True}
+    return out
+
+
 @dataclass
 class Answer:
     content: str
@@ -64,6 +82,7 @@ class Answer:
     usage: dict = field(default_factory=dict)
     logprobs: bytes | None = None
     flags: list[str] = field(default_factory=list)
+    reasoning: str = ""  # the chain of thought of a thinking teacher (teacher.thinking)
 
 
 class Retryable(Exception):
@@ -138,8 +157,16 @@ _REFUSAL = re.compile(r"^\s*(抱歉|对不起|很抱歉)[，,].{0,12}(无法|不
                       re.IGNORECASE)
 
 
-def answer_flags(content: str, finish_reason: str, refusal: Any = None) -> list[str]:
+def answer_flags(content: str, finish_reason: str, refusal: Any = None, reasoning: str | None = None) -> list[str]:
+    """Why an answer is unfit to train on. `reasoning` is given for a thinking teacher only: then a
+    cut-off thought, a missing one, and a thought that never reached an answer are flagged too."""
+    if reasoning is not None and not content.strip():
+        if reasoning.strip():
+            return ["truncated_reasoning" if finish_reason == "length" else "no_answer"]
+        return ["truncated", "empty", "empty_reasoning"] if finish_reason == "length" else ["empty", "empty_reasoning"]
     flags = []
+    if reasoning is not None and not reasoning.strip():
+        flags.append("empty_reasoning")
     if finish_reason == "length":
         flags.append("truncated")
     if not content.strip():
@@ -164,7 +191,12 @@ def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float |
     prompt = usage.get("prompt_tokens", 0) or 0
     hit = usage.get("prompt_cache_hit_tokens", 0) or 0
     miss = usage.get("prompt_cache_miss_tokens", prompt - hit) or 0
+    # completion_tokens already holds the reasoning tokens (OpenAI's and DeepSeek's usage); a server
+    # that reports more reasoning than completion counts them apart, and both are billed as output.
     out = usage.get("completion_tokens", 0) or 0
+    reasoning = usage.get("reasoning_tokens", 0) or 0
+    if reasoning > out:
+        out += reasoning
     return (hit * pick(price.input_cache_hit, price.peak_input_cache_hit)
             + miss * pick(price.input_cache_miss, price.peak_input_cache_miss)
             + out * pick(price.output, price.peak_output)) / 1e6
@@ -231,6 +263,7 @@ class OpenAIClient:
             self._headers["Authorization"] = f"Bearer {key}"
         self._key = key
         self.session = None
+        self.logprobs_refused = False  # a thinking server that answers 400 to logprobs: asked without them
 
     async def __aenter__(self) -> "OpenAIClient":
         import aiohttp
@@ -259,7 +292,10 @@ class OpenAIClient:
     async def complete(self, req: Request) -> Answer:
         import aiohttp
 
-        payload = {"model": self.tc.model, "messages": req.messages, **req.params}
+        params = req.params
+        if self.logprobs_refused:
+            params = {k: v for k, v in params.items() if k not in ("logprobs", "top_logprobs")}
+        payload = {"model": self.tc.model, "messages": req.messages, **params}
         try:
             async with self.session.post(self.url, json=payload) as resp:
                 text = await resp.text()
@@ -273,9 +309,18 @@ class OpenAIClient:
             raise Retryable(f"connection error ({type(err).__name__})") from None
         if status in _RETRY_STATUS or (status >= 500 and status != 501):
             raise Retryable(f"HTTP {status}", retry_after)
+        if status == 400 and "logprobs" in text.lower() and "logprobs" in params:
+            self._refuse_logprobs()
+            return await self.complete(req)
         if status >= 400:
             raise self._fatal(status, text)
         return self._answer(self._body(text, content_type), req)
+
+    def _refuse_logprobs(self) -> None:
+        if not self.logprobs_refused:
+            log.warning("the teacher server refuses logprobs%s; distilling the text alone (no token-level "
+                        "distillation from this teacher)", " in thinking mode" if self.tc.thinking else "")
+        self.logprobs_refused = True
 
     def _body(self, text: str, content_type: str) -> dict:
         """A chat-completions body; a 2xx that is not one (a web page, another API's JSON) means a
@@ -301,6 +346,9 @@ class OpenAIClient:
         except (KeyError, IndexError, TypeError):
             raise Retryable("response has no choices[0].message") from None
         content = message.get("content") or ""
+        # DeepSeek and vLLM's older parsers say reasoning_content; vLLM's newer ones and others, reasoning.
+        reasoning = message.get("reasoning_content") or message.get("reasoning") or ""
+        reasoning = reasoning if isinstance(reasoning, str) else ""
         finish = choice.get("finish_reason") or "stop"
         if not content.strip() and finish != "length" and "response_format" in req.params:
             raise Retryable("blank content in JSON mode")
@@ -314,7 +362,11 @@ class OpenAIClient:
             except (TypeError, ValueError, AttributeError):  # malformed logprobs: keep the answer, drop them
                 packed = None
         usage = {k: v for k, v in (body.get("usage") or {}).items() if isinstance(v, (int, float))}
-        answer = Answer(content, finish, usage, packed, answer_flags(content, finish, message.get("refusal")))
+        details = (body.get("usage") or {}).get("completion_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("reasoning_tokens"), int):
+            usage["reasoning_tokens"] = details["reasoning_tokens"]
+        flags = answer_flags(content, finish, message.get("refusal"), reasoning if self.tc.thinking else None)
+        answer = Answer(content, finish, usage, packed, flags, reasoning)
         if not content.strip() and finish != "length":  # blank: usually a server hiccup, so ask again
             raise Retryable("blank content", answer=answer)
         return answer
