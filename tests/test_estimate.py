@@ -113,3 +113,29 @@ def test_unavailable_student_is_one_line_within_a_second(make_config, tmp_path, 
     assert "hub is unreachable" in est["note"] and "set model_name to DIR" in est["note"]
     assert "\n" not in est["note"]
     hub_reachable.cache_clear()
+
+
+def test_a_hanging_network_counts_as_no_hub_within_a_second(monkeypatch):
+    import socket
+
+    from shifu.models import hub_reachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+    hub_reachable.cache_clear()
+    t0 = time.time()
+    assert hub_reachable() is False and time.time() - t0 < 1.5
+    hub_reachable.cache_clear()
+
+
+def test_estimate_json_on_the_command_line(make_config, tmp_path):
+    from conftest import write_config
+    from typer.testing import CliRunner
+
+    from shifu.cli import app
+
+    cfg = make_config(model_name="Qwen/Qwen2.5-0.5B-Instruct", data__max_chunks=2)
+    result = CliRunner().invoke(app, ["estimate", str(write_config(cfg, tmp_path / "c.yaml")), "--json"])
+    assert result.exit_code == 0, result.output[-2000:]
+    est = json.loads(result.stdout)
+    assert est["training_memory_gib"]["params"] == "0.49B" and est["teacher"]["requests"] > 0

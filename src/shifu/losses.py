@@ -129,29 +129,51 @@ def loss_sums(logits: torch.Tensor, targets: torch.Tensor, kd_ids: torch.Tensor 
     return torch.stack([per_token.sum(), ce.sum(), kd_sum, n_kd])
 
 
-def _chunk_sums(hidden, head, targets, kd_ids, kd_lps, d):
-    # under the Trainer's autocast only the model's forward is cast: the head gets its own dtype here
-    return loss_sums(head(hidden.to(head.weight.dtype)), targets, kd_ids, kd_lps, d)
+class _KnownGradients(torch.autograd.Function):
+    """Passes the loss sums through; in the backward pass hands the hidden states and the trainable
+    head weights the gradients already computed for them, times the incoming one."""
+
+    @staticmethod
+    def forward(ctx, sums, hidden, grad_h, n_params, *params_then_grads):
+        ctx.n_params = n_params
+        ctx.save_for_backward(grad_h, *params_then_grads[n_params:])
+        return sums.clone()
+
+    @staticmethod
+    def backward(ctx, grad_sums):
+        grad_h, *grad_p = ctx.saved_tensors
+        scale = grad_sums[0]  # only the total loss is differentiated; the other sums are for the logs
+        return (None, grad_h * scale.to(grad_h.dtype), None, None,
+                *[g * scale.to(g.dtype) for g in grad_p], *[None] * ctx.n_params)
 
 
 def chunked_loss_sums(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
                       kd_ids: torch.Tensor | None, kd_lps: torch.Tensor | None, d,
                       chunk: int = LOGIT_CHUNK) -> torch.Tensor:
     """`loss_sums(head(hidden), ...)` without ever holding the logits of more than `chunk` positions:
-    each chunk's logits are recomputed in the backward pass instead of kept (activation checkpointing
-    of the head), so memory is chunk x vocabulary, not answer tokens x vocabulary, for the cost of
-    a second matmul through the head."""
-    from torch.utils.checkpoint import checkpoint
-
-    parts = []
+    memory is chunk x vocabulary, not answer tokens x vocabulary. While a chunk's logits exist, the
+    gradients of the total for its hidden states (and any trainable head weights) are computed and
+    kept, and the logits freed; the backward pass then only scales them, so the head's matmul is
+    not run twice (Liger Kernel's fused linear cross-entropy does the same in Triton)."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
+    grad_h = torch.zeros_like(hidden) if need_grad else None
+    grad_p = [torch.zeros_like(p) for p in params]
+    dtype = head.weight.dtype  # under the Trainer's autocast only the model's forward is cast
+    sums = []
     for s in range(0, hidden.shape[0], chunk):
         sl = slice(s, s + chunk)
+        h = hidden[sl].detach().requires_grad_(need_grad)
         ids, lps = (kd_ids[sl], kd_lps[sl]) if kd_ids is not None else (None, None)
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_sums, hidden[sl], head, targets[sl], ids, lps, d,
-                                    use_reentrant=False, preserve_rng_state=False))
-        else:
-            parts.append(_chunk_sums(hidden[sl], head, targets[sl], ids, lps, d))
-    if not parts:
-        return hidden.new_zeros(4, dtype=torch.float32) + hidden.sum() * 0  # keeps the graph connected
-    return torch.stack(parts).sum(0)
+        part = loss_sums(head(h.to(dtype)), targets[sl], ids, lps, d)
+        if need_grad:
+            grads = torch.autograd.grad(part[0], [h, *params], allow_unused=True)
+            grad_h[sl] = grads[0]
+            for acc, g in zip(grad_p, grads[1:]):
+                if g is not None:
+                    acc += g
+        sums.append(part.detach())
+    total = torch.stack(sums).sum(0) if sums else hidden.new_zeros(4, dtype=torch.float32)
+    if not need_grad:
+        return total
+    return _KnownGradients.apply(total, hidden, grad_h, len(params), *params, *grad_p)

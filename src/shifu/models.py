@@ -81,12 +81,23 @@ def hub_reachable(timeout: float = 1.0) -> bool:
     """A TCP connect to the hub within a second: huggingface_hub itself retries for over a minute."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
+    import threading
+
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    reached = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+
+    # in a thread: a DNS lookup with no network can hang well past the socket's timeout
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return bool(reached)
 
 
 def is_local(name: str) -> bool:
