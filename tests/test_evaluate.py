@@ -7,7 +7,6 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import SAMPLE_ZH, run_shifu, write_config
 
 from shifu.encode import encode_examples

@@ -2,7 +2,6 @@
 the test (tests/data/lm_eval), run on a tiny model through the same code path as cmmlu or mmlu."""
 
 import pytest
-
 from conftest import ROOT
 
 pytest.importorskip("lm_eval")

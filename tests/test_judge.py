@@ -3,7 +3,15 @@ going through the teacher runner and a store (no verdict bought twice)."""
 
 import pytest
 
-from shifu.judge import Pair, combine, judge_pairs, judge_prompt, judge_teacher, parse_verdict, requests_for
+from shifu.judge import (
+    Pair,
+    combine,
+    judge_pairs,
+    judge_prompt,
+    judge_teacher,
+    parse_verdict,
+    requests_for,
+)
 
 
 @pytest.mark.parametrize("text, want", [
@@ -72,7 +80,7 @@ def test_judge_calls_go_through_the_runner_with_retries_and_are_never_bought_twi
 
 
 def test_an_unparseable_verdict_is_counted_never_guessed(make_config, fake_server, monkeypatch):
-    import shifu.judge as judge
+    from shifu import judge
 
     server = fake_server()
     cfg = make_config(server.url)

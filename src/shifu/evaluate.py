@@ -211,7 +211,7 @@ def _judge(cfg: Config, held_samples: list[dict], knowledge: list[dict]) -> dict
 
     sets = {"vs_base": [], "vs_teacher": [], "knowledge": []}
     for k, s in enumerate(held_samples[: cfg.eval.generate_examples]):  # the rest are shown, not judged
-        common = dict(passage=s["passage"], prompt=s["prompt"], category=s["category"], lang=s["lang"])
+        common = {"passage": s["passage"], "prompt": s["prompt"], "category": s["category"], "lang": s["lang"]}
         sets["vs_base"].append(Pair(id=f"base:{k}", first=s["trained"], second=s["base"], **common))
         sets["vs_teacher"].append(Pair(id=f"teacher:{k}", first=s["trained"], second=s["teacher"], **common))
     for k, q in enumerate(knowledge):

@@ -76,9 +76,12 @@ def run_general(cfg: Config, load) -> dict:
     if unknown:
         raise UserError(f"eval.lm_eval_tasks: unknown task(s) {', '.join(unknown)}; check the names with "
                         "`lm-eval ls tasks`, or add a folder of YAML tasks as eval.lm_eval_include")
+    from shifu.evaluate import eval_batch_size
+
     scores = []
     for path in (cfg.model_name, str(cfg.merged_dir)):
         model, tok = load(path)
-        scores.append(per_question(model, tok, list(e.lm_eval_tasks), manager, e.lm_eval_limit, e.batch_size or 4))
+        batch = eval_batch_size(cfg, model.device)
+        scores.append(per_question(model, tok, list(e.lm_eval_tasks), manager, e.lm_eval_limit, batch))
         del model
     return compare(scores[0], scores[1], e.bootstrap_samples, e.seed)

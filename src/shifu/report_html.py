@@ -85,14 +85,17 @@ def _held_out(report: dict, figures: Path) -> str:
             + _changes_table(report["changes"]) + (_img(path, "before/after changes") if drawn else ""))
 
 
+def _rate(r: dict, k: str) -> str:
+    return f"{_num(r.get(f'{k}_rate'), 3)} {_ci(r.get(f'{k}_ci'))}"
+
+
 def _judge_rows(results: dict, names: list[str]) -> list[list[str]]:
     rows = []
     for name in names:
         r = results.get(name) or {}
         if "pairs" not in r:
             continue
-        rate = lambda k: f"{_num(r.get(f'{k}_rate'), 3)} {_ci(r.get(f'{k}_ci'))}"  # noqa: E731
-        rows.append([escape(name), str(r["pairs"]), rate("win"), rate("tie"), rate("loss"), str(r["unparseable"]),
+        rows.append([escape(name), str(r["pairs"]), _rate(r, "win"), _rate(r, "tie"), _rate(r, "loss"), str(r["unparseable"]),
                      f"{_num(r.get('net'), 3)} {_ci(r.get('net_ci'))}", _verdict(r["verdict"])])
     return rows
 

@@ -42,7 +42,7 @@ def paired_change(before, after, weights=None, samples: int = 1000, seed: int = 
     b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
     w = np.ones_like(b) if weights is None else np.asarray(weights, dtype=float)
     assert b.shape == a.shape == w.shape and b.ndim == 1, "one value per example on each side"
-    out = {"before": ratio(b, w), "after": ratio(a, w), "n": int(len(b))}
+    out = {"before": ratio(b, w), "after": ratio(a, w), "n": len(b)}
     out["change"] = out["after"] - out["before"]
     if len(b) < 2:
         return {**out, "ci": None, "verdict": f"{NO_CHANGE} (fewer than 2 examples)"}
@@ -70,7 +70,7 @@ def win_rates(outcomes: list[str], samples: int = 1000, seed: int = 0) -> dict:
     first side is measurably preferred. Unparseable pairs are counted and left out of the rates."""
     counts = {k: outcomes.count(k) for k in (*OUTCOMES, "unparseable")}
     parsed = np.array([o for o in outcomes if o in OUTCOMES])
-    out: dict = {**counts, "pairs": len(outcomes), "judged": int(len(parsed))}
+    out: dict = {**counts, "pairs": len(outcomes), "judged": len(parsed)}
     if len(parsed) == 0:
         return {**out, "verdict": "no parseable verdicts"}
     score = (parsed == "win").astype(float) - (parsed == "loss").astype(float)
