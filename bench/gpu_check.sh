@@ -19,6 +19,23 @@ export PYTHONPATH=src HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "${1:-}" = "--tiny" ]; then
   exec $PY bench/gpu_check.py --tiny --work "${TMPDIR:-/tmp}/shifu-gpu-check-tiny"
 fi
+# ---- FSDP and DeepSpeed (issue 18), instead of the checks below: SHIFU_GPU_CHECK_FSDP=1 bash bench/gpu_check.sh
+# Needs 2 or more GPUs (NCCL takes one rank per GPU; accelerate runs CPU processes as DDP). Prints the
+# parameter bytes each rank holds (about half with FSDP on 2) and the adapter's difference from 1 process.
+if [ "${SHIFU_GPU_CHECK_FSDP:-0}" = "1" ]; then
+  gpus=$(nvidia-smi -L | wc -l)
+  if [ "$gpus" -lt 2 ]; then echo "FSDP check: $gpus GPU here, it needs 2 or more: FSDP stays unverified"; exit 0; fi
+  timeout 280 $PY bench/fsdp_check.py --accelerate-config configs/accelerate/fsdp.yaml --procs 2 --expect-sharded
+  if $PY -c "import deepspeed" 2>/dev/null; then
+    for zero in 2 3; do
+      timeout 140 $PY bench/fsdp_check.py --accelerate-config configs/accelerate/deepspeed-zero$zero.yaml --procs 2
+    done
+  else
+    echo "DeepSpeed check: deepspeed is not installed here: ZeRO-2/3 stay unverified"
+  fi
+  exit 0
+fi
+# ---- end of the FSDP and DeepSpeed section
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 timeout 540 $PY bench/gpu_check.py --student Qwen/Qwen2.5-7B-Instruct --steps 12 --batch 4 --seq 1024

@@ -3,6 +3,7 @@ two CPU processes (gloo) against one with the same global batch."""
 
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,8 @@ def test_two_processes_match_one_with_the_same_global_batch(prepared, tmp_path, 
                          text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert_same(adapter(one), adapter(two), 1e-4)
+    held = dict(re.findall(r"rank (\d+) holds (\d+) parameter bytes", res.stderr))
+    assert held.keys() == {"0", "1"} and held["0"] == held["1"]  # DDP: every rank holds the whole model
     # trained: peft starts every lora_B at zero, so a nonzero lora_B means the steps moved the adapter
     trained = {k: v for k, v in adapter(one).items() if "lora_B" in k}
     assert trained and all(v.abs().max() > 0 for v in trained.values())

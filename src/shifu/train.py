@@ -127,6 +127,16 @@ class StepSeed(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         torch.manual_seed(_mix(args.seed, state.global_step, args.process_index))
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # what each rank holds once the launcher has wrapped the model: with FSDP, its shards only
+        log.info("rank %d holds %d parameter bytes", args.process_index, local_parameter_bytes(model))
+
+
+def local_parameter_bytes(model) -> int:
+    """Bytes of parameters this process holds; a sharded (DTensor) parameter counts its local shard."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local)
+
 
 # ---- the trainer --------------------------------------------------------------------------------
 
