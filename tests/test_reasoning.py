@@ -22,6 +22,12 @@ from shifu.teacher import Answer, Request, answer_flags, make_client, price_of
 PRICES = {"fake-teacher": {"input_cache_hit": 1.0, "input_cache_miss": 2.0, "output": 4.0}}
 
 
+def teach(cfg) -> dict:
+    for name in ("chunk", "tasks", "teach"):
+        stats = run_stage(name, cfg)
+    return stats
+
+
 def ask(cfg, prompt: str = "什么是蒸馏？请回答。") -> Answer:
     async def go():
         async with make_client(cfg.teacher) as client:
@@ -121,3 +127,133 @@ def test_teach_then_dataset_keeps_the_reasoning_and_estimate_counts_it(fake_serv
     assert examples and all(e["reasoning"].startswith("Let me think.") for e in examples)
     alpaca = list(read_jsonl(cfg.jsonl_output_path))
     assert all(list(r) == ["instruction", "input", "output", "chunk_id", "category"] for r in alpaca)
+
+
+# ---- datasets other tools train on --------------------------------------------------------------
+
+def test_the_three_export_formats_read_back_with_dataset_info(fake_server, make_config, tmp_path):
+    server = fake_server(reasoning_field="reasoning_content")
+    cfg = make_config(server.url, teacher__thinking=True, dataset__formats=["messages", "sharegpt"],
+                      train__system_prompt="你是助手。")
+    info_path = tmp_path / "data" / "dataset_info.json"
+    info_path.parent.mkdir(parents=True)
+    info_path.write_text(json.dumps({"someone_elses": {"file_name": "x.json"}}))
+    teach(cfg)
+    stats = run_stage("dataset", cfg)
+    assert stats["train_examples"] > 0
+    alpaca = list(read_jsonl(cfg.jsonl_output_path))
+    examples = {(e["instruction"], e["input"], e["output"]): e for e in read_jsonl(cfg.examples_path)
+                if e["split"] == "train"}
+    messages = list(read_jsonl(tmp_path / "data" / "distill.messages.jsonl"))
+    sharegpt = list(read_jsonl(tmp_path / "data" / "distill.sharegpt.jsonl"))
+    assert len(alpaca) == len(messages) == len(sharegpt)
+    for row, m, s in zip(alpaca, messages, sharegpt):
+        assert list(row) == ["instruction", "input", "output", "chunk_id", "category"]
+        user = f"{row['instruction']}\n\n{row['input']}" if row["input"] else row["instruction"]
+        reasoning = examples[(row["instruction"], row["input"], row["output"])].get("reasoning", "")
+        system, asked, answered = m["messages"]
+        assert system == {"role": "system", "content": "你是助手。"} and asked == {"role": "user", "content": user}
+        assert answered["content"] == row["output"] and answered.get("reasoning_content", "") == reasoning
+        assert s["system"] == "你是助手。" and s["conversations"][0] == {"from": "human", "value": user}
+        gpt = s["conversations"][1]["value"]
+        assert gpt == (f"<think>\n{reasoning}\n</think>\n\n{row['output']}" if reasoning else row["output"])
+    assert any(m["messages"][2].get("reasoning_content") for m in messages)  # the teacher thought
+    info = json.loads(info_path.read_text())
+    assert info["someone_elses"] == {"file_name": "x.json"}  # other datasets of the folder are kept
+    assert info["distill"] == {"file_name": "distill.jsonl", "formatting": "alpaca",
+                               "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+    assert info["distill_sharegpt"]["tags"] == {"role_tag": "from", "content_tag": "value",
+                                                "user_tag": "human", "assistant_tag": "gpt"}
+    assert info["distill_sharegpt"]["columns"] == {"messages": "conversations", "system": "system"}
+    assert info["distill_messages"] == {
+        "file_name": "distill.messages.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
+        "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+                 "system_tag": "system"}}
+    assert info["distill_eval_sharegpt"]["file_name"] == "distill.eval.sharegpt.jsonl"
+    for entry in info.values():  # every file an entry names is there, beside dataset_info.json
+        assert (info_path.parent / entry["file_name"]).exists() or entry["file_name"] == "x.json"
+
+
+def test_without_formats_only_the_alpaca_files_are_written(fake_server, make_config, tmp_path):
+    cfg = make_config(fake_server().url)
+    teach(cfg)
+    run_stage("dataset", cfg)
+    names = {p.name for p in (tmp_path / "data").iterdir()}
+    assert {"distill.jsonl", "distill.eval.jsonl"} <= names
+    assert not [n for n in names if "messages" in n or "sharegpt" in n or n == "dataset_info.json"]
+
+
+# ---- reasoning students -------------------------------------------------------------------------
+
+# Qwen3's rule, cut down: the last assistant turn renders its reasoning_content inside <think>.
+QWEN3_STYLE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% if loop.last and m.get('reasoning_content') %}<think>\n{{ m['reasoning_content'].strip('\\n') }}\n</think>\n\n"
+    "{% endif %}{{ m['content'] }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+EXAMPLE = {"instruction": "What is distillation?", "input": "", "output": "Teaching a small model.",
+           "reasoning": "The user asks about distillation. A teacher trains a student."}
+
+
+def _tok(tiny_student, template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    if template:
+        tok.chat_template = template
+    return tok
+
+
+def _labelled(tok, examples, reasoning=("include", "think")) -> list[tuple[str, str]]:
+    """(prompt text, labelled text) per example, read back through the training dataset's labels."""
+    from shifu.encode import encode_examples
+    from shifu.train import SFTDataset
+
+    ds = SFTDataset(encode_examples(tok, examples, 256, None, None, reasoning))
+    out = []
+    for i in range(len(ds)):
+        item = ds[i]
+        keep = item["labels"] != -100
+        assert keep.sum() and not keep[: keep.argmax()].any() and keep[keep.argmax():].all()
+        out.append((tok.decode(item["input_ids"][~keep]), tok.decode(item["labels"][keep])))
+    return out
+
+
+def test_a_qwen3_style_student_learns_exactly_reasoning_and_answer(tiny_student):
+    from shifu.reasoning import template_reasoning
+
+    tok = _tok(tiny_student, QWEN3_STYLE)
+    assert template_reasoning(tok, None) == ("<think>\n", "\n</think>\n\n")
+    # train.reasoning does not matter here: the template's own rendering is the target
+    for mode in ("include", "drop"):
+        (prompt, target), = _labelled(tok, [EXAMPLE], (mode, "reasoning"))
+        assert prompt == "<|im_start|>user\nWhat is distillation?<|im_end|>\n<|im_start|>assistant\n"
+        assert target == f"<think>\n{EXAMPLE['reasoning']}\n</think>\n\n{EXAMPLE['output']}<|im_end|>"
+        # and it is what the template itself renders for that conversation
+        full = tok.apply_chat_template([{"role": "user", "content": EXAMPLE["instruction"]},
+                                        {"role": "assistant", "content": EXAMPLE["output"],
+                                         "reasoning_content": EXAMPLE["reasoning"]}], tokenize=False)
+        assert full == prompt + target + "\n"
+
+
+def test_other_students_include_the_reasoning_in_the_named_tag_or_drop_it(tiny_student):
+    from shifu.reasoning import template_reasoning
+
+    tok = _tok(tiny_student)  # plain ChatML: the template writes no reasoning
+    assert template_reasoning(tok, None) is None
+    (_, included), = _labelled(tok, [EXAMPLE], ("include", "reasoning"))
+    assert included == f"<reasoning>\n{EXAMPLE['reasoning']}\n</reasoning>\n\n{EXAMPLE['output']}<|im_end|>"
+    (_, dropped), = _labelled(tok, [EXAMPLE], ("drop", "reasoning"))
+    assert dropped == f"{EXAMPLE['output']}<|im_end|>"
+    plain = {k: v for k, v in EXAMPLE.items() if k != "reasoning"}
+    assert _labelled(tok, [plain], ("include", "reasoning"))[0][1] == dropped
+
+
+def test_the_final_answer_is_scored_without_its_reasoning():
+    from shifu.reasoning import strip_reasoning
+
+    assert strip_reasoning("<think>\nhmm, so\n</think>\n\nThe answer.") == "The answer."
+    assert strip_reasoning("hmm, so\n</think>\n\nThe answer.") == "The answer."  # <think> was in the prompt
+    assert strip_reasoning("<think>\nstill thinking when max_new_tokens ran out") == ""
+    assert strip_reasoning("A plain answer.") == "A plain answer."
+    assert strip_reasoning("<r>x</r> Done.", "r") == "Done."

@@ -29,6 +29,7 @@ from shifu.config import Config
 from shifu.dedup import Deduper, language
 from shifu.errors import UserError
 from shifu.files import read_jsonl, write_jsonl
+from shifu.formats import write_formats
 from shifu.records import Chunk, Example, StoredAnswer, Task
 from shifu.store import Store
 from shifu.tasks import answer_requests, qa_answer_task, questions_for, task_request
@@ -160,6 +161,7 @@ def run_dataset(cfg: Config) -> dict:
     write_jsonl(cfg.examples_path, examples)
     n_train = write_jsonl(cfg.jsonl_output_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "train"))
     n_eval = write_jsonl(cfg.eval_jsonl_path, ({k: e[k] for k in FIELDS} for e in examples if e["split"] == "eval"))
+    formats = write_formats(cfg, examples)  # dataset.formats: messages, sharegpt, dataset_info.json
     by_cat = Counter(e["category"] for e in examples)
     unanswered = sum(v for k, v in counts.items() if k.startswith("unanswered:"))
     if unanswered:  # a partial teacher run: say so, in the log and in the summary
@@ -167,4 +169,5 @@ def run_dataset(cfg: Config) -> dict:
                     "rerun `shifu teach` to complete it", unanswered)
     return {"unanswered": unanswered, "examples": len(examples), "train_examples": n_train, "eval_examples": n_eval,
             "eval_chunks": len(held), "by_category": dict(by_cat), "rejected": len(rejected),
-            "teacher_examples": sum(e["key"] is not None for e in examples), **dict(counts)}
+            "teacher_examples": sum(e["key"] is not None for e in examples),
+            **({"format_files": formats} if formats else {}), **dict(counts)}

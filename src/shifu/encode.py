@@ -69,25 +69,33 @@ def encode_one(tok, parts, instruction: str, input_: str, output: str, max_lengt
 
 
 def encode_examples(tok, examples: list[dict], max_length: int, system_prompt: str | None = None,
-                    cache_dir: Path | None = None) -> Encoded:
+                    cache_dir: Path | None = None, reasoning: tuple[str, str] = ("include", "think")) -> Encoded:
     """Encoded examples; with `cache_dir`, built once (by the first of several ranks to get there,
-    the others wait under build_lock) and read back by every later call."""
+    the others wait under build_lock) and read back by every later call. An example's `reasoning`
+    goes before its answer as shifu.reasoning.target_text says; `reasoning` = (train.reasoning, train.reasoning_tag)."""
     if cache_dir is None:
-        return _encode(tok, examples, max_length, system_prompt)
+        return _encode(tok, examples, max_length, system_prompt, reasoning)
+    thoughts = [e["reasoning"] for e in examples if e.get("reasoning")]
     key = hash_obj([tok.name_or_path, len(tok), tok.chat_template, max_length, system_prompt,
-                    [(e["instruction"], e["input"], e["output"]) for e in examples]])
+                    [(e["instruction"], e["input"], e["output"], *([e["reasoning"]] if e.get("reasoning") else []))
+                     for e in examples], *([list(reasoning)] if thoughts else [])])
     path = Path(cache_dir) / f"encoded-{key[:16]}.npz"
     with build_lock(path):
         if path.exists():
             return _load(path)
-        enc = _encode(tok, examples, max_length, system_prompt)
+        enc = _encode(tok, examples, max_length, system_prompt, reasoning)
         _save(enc, path)
         return enc
 
 
-def _encode(tok, examples: list[dict], max_length: int, system_prompt: str | None) -> Encoded:
+def _encode(tok, examples: list[dict], max_length: int, system_prompt: str | None,
+            reasoning: tuple[str, str] = ("include", "think")) -> Encoded:
+    from shifu.reasoning import target_text, template_reasoning
+
     parts = template_parts(tok, system_prompt)
-    rows = [encode_one(tok, parts, e["instruction"], e["input"], e["output"], max_length) for e in examples]
+    thinks = template_reasoning(tok, system_prompt) if any(e.get("reasoning") for e in examples) else None
+    rows = [encode_one(tok, parts, e["instruction"], e["input"], target_text(e, thinks, *reasoning), max_length)
+            for e in examples]
     return Encoded([r[0] for r in rows], np.asarray([r[1] for r in rows], np.int64), sum(r[2] for r in rows))
 
 

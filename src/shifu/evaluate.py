@@ -34,6 +34,7 @@ from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl, write_json, write_jsonl, write_text
 from shifu.losses import distill_loss
 from shifu.models import end_token_ids, load_causal_lm, load_tokenizer
+from shifu.reasoning import reasoning_tag, strip_reasoning
 from shifu.stats import paired_change
 from shifu.tasks import format_prompt
 
@@ -202,7 +203,10 @@ def _answers(model, tok, prompts: list[str], cfg: Config, batch: int, device) ->
     args = (cfg.eval.max_new_tokens, cfg.train.system_prompt, batch, device)
     with model.disable_adapter():
         base = generate(model, tok, prompts, *args)
-    return {"base": base, "trained": generate(model, tok, prompts, *args)}
+    trained = generate(model, tok, prompts, *args)
+    # a thinking student (its template's default, or a trained <reasoning_tag>) is scored on its final answer
+    tag = reasoning_tag(tok, cfg.train.system_prompt, cfg.train.reasoning_tag)
+    return {"base": [strip_reasoning(a, tag) for a in base], "trained": [strip_reasoning(a, tag) for a in trained]}
 
 
 def _judge(cfg: Config, held_samples: list[dict], knowledge: list[dict]) -> dict:
@@ -280,6 +284,10 @@ def run_eval(cfg: Config) -> dict:
         return {"held_out_examples": 0, "note": "eval.eval_ratio left no held-out chunk"}
     if not (Path(cfg.output_dir) / "adapter_config.json").exists():
         raise UserError(f"{cfg.output_dir}: no trained adapter; run `shifu train` first")
+    if cfg.eval.judge:
+        from shifu.judge import check_judge
+
+        check_judge(cfg)
     clock = [time.time()]
     times: dict[str, float] = {}
 
@@ -354,45 +362,3 @@ def samples_markdown(samples: list[dict]) -> str:
                      f"**Base student**\n\n{s['base']}\n\n**Trained student**\n\n{s['trained']}\n\n"
                      f"**Teacher**\n\n{s['teacher']}\n")
     return "\n".join(parts)
-
-
-# ---- before anything runs -----------------------------------------------------------------------
-
-# Rough machine speeds for the time estimate: generation is bound by reading the weights once per
-# step (memory bandwidth), teacher-forced scoring by arithmetic. Effective, not peak, figures.
-SPEED = {"cpu": {"bytes_per_s": 20e9, "flops": 0.3e12}, "cuda": {"bytes_per_s": 1.5e12, "flops": 150e12}}
-
-
-def eval_estimate(cfg: Config) -> dict:
-    """What `shifu eval` will ask the judge and pay, and about how long the student's side takes."""
-    from shifu.device import placement
-    from shifu.judge import eval_sizes, judge_estimate
-
-    sizes = eval_sizes(cfg)
-    where = placement(cfg.train.precision)
-    batch = eval_batch_size(cfg, where.device)
-    out = {"held_out_examples_scored": sizes["held_out_examples"], "prompts_answered": sizes["answered"],
-           "knowledge_questions": sizes["knowledge"], **judge_estimate(cfg)}
-    params = _student_params(cfg)
-    if params is None:
-        return {**out, "student_seconds": "student config not readable here; give a local folder for model_name"}
-    speed = SPEED["cuda" if where.device.type == "cuda" else "cpu"]
-    weight_bytes = params * torch.finfo(where.dtype).bits / 8
-    prompts = sizes["answered"] + sizes["knowledge"]
-    steps = 2 * math.ceil(prompts / batch) * cfg.eval.max_new_tokens  # base and trained
-    scored = 2 * sizes["held_out_examples"] * cfg.max_length * 0.75  # before and after, ~3/4 full
-    seconds = steps * weight_bytes / speed["bytes_per_s"] + 2 * params * scored / speed["flops"]
-    return {**out, "student_seconds": round(seconds, 1),
-            "time_assumes": f"{where.device.type}, {str(where.dtype).replace('torch.', '')}, batch {batch}, "
-                            f"{speed['bytes_per_s'] / 1e9:g} GB/s, {speed['flops'] / 1e12:g} TFLOP/s; judge time not included"}
-
-
-def _student_params(cfg: Config) -> int | None:
-    from shifu.models import meta_causal_lm, student_config
-
-    try:  # the same offline-friendly config lookup as the memory estimate; no weights are read
-        model = meta_causal_lm(student_config(cfg.model_name, cfg.trust_remote_code), torch.float32,
-                               cfg.trust_remote_code)
-    except UserError:
-        return None
-    return sum(p.numel() for p in model.parameters())

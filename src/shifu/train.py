@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from shifu.config import Config, DistillConfig, dump_config
 from shifu.device import placement
 from shifu.encode import Encoded, encode_examples
+from shifu.reasoning import attach_reasoning
 from shifu.errors import UserError
 from shifu.files import atomic_dir, build_lock, hash_obj, read_json, read_jsonl, write_json
 from shifu.losses import chunked_loss_sums, loss_sums
@@ -264,7 +265,7 @@ def training_args(cfg: Config, has_eval: bool, packing: bool | None = None) -> T
         output_dir=str(cfg.work / "checkpoints"), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_epochs, max_steps=t.max_steps,
-        warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio if t.warmup_steps is None else t.warmup_steps, lr_scheduler_type=t.lr_scheduler, weight_decay=t.weight_decay,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, eval_strategy=eval_strategy, eval_steps=t.eval_steps,
         report_to=[r for r in t.report_to if r != "none"], seed=t.seed, data_seed=t.seed,
@@ -328,8 +329,11 @@ def run_train(cfg: Config) -> dict:
     train, held = read_split(cfg)
     tok = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     cache = cfg.work / "cache"
-    enc_train = encode_examples(tok, train, cfg.max_length, cfg.train.system_prompt, cache)
-    enc_eval = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cache) if held else None
+    # a thinking teacher's reasoning joins the target (shifu.reasoning: the template's way, or train.reasoning)
+    train, held = attach_reasoning(cfg, train), attach_reasoning(cfg, held)
+    thinking = (cfg.train.reasoning, cfg.train.reasoning_tag)
+    enc_train = encode_examples(tok, train, cfg.max_length, cfg.train.system_prompt, cache, thinking)
+    enc_eval = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cache, thinking) if held else None
     targets, kd_info = build_targets(cfg, tok, train, enc_train)
     set_seed(cfg.train.seed)  # LoRA's initial weights are random: same seed, same start
     model = load_student(cfg)
