@@ -158,7 +158,7 @@ def test_report_renders_in_headless_chromium(make_config, tmp_path):
 
 
 def test_estimate_counts_the_judge_requests_and_times_the_student(make_config):
-    from shifu.evaluate import eval_estimate
+    from shifu.eval_plan import eval_estimate
     from shifu.pipeline import run_stage
 
     cfg = make_config(eval__generate_examples=3, eval__knowledge_questions=2, eval__max_examples=50,

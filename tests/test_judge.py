@@ -106,3 +106,14 @@ def test_an_open_book_prompt_carries_the_passage_once():
     p = Pair(id="o", passage=passage, prompt=f"请根据下面的文本回答。\n\n{passage}\n\n问题：孔乙己穿什么？", category="问答",
              lang="zh", first="长衫", second="短衣")
     assert judge_prompt(p, False).count(passage) == 1
+
+
+def test_a_missing_judge_key_is_one_line_before_any_model_loads(make_config, monkeypatch):
+    from shifu.errors import UserError
+    from shifu.judge import check_judge
+
+    monkeypatch.delenv("SHIFU_TEST_JUDGE_KEY", raising=False)
+    cfg = make_config("https://api.deepseek.com", teacher__api_key_env="SHIFU_TEST_JUDGE_KEY")
+    with pytest.raises(UserError, match="SHIFU_TEST_JUDGE_KEY.*eval.judge: false"):
+        check_judge(cfg)
+    check_judge(make_config("http://127.0.0.1:9/v1"))  # a local server needs no key

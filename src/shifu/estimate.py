@@ -259,7 +259,7 @@ def memory_estimate(cfg: Config) -> dict:
 
 
 def run_estimate(cfg: Config) -> dict:
-    from shifu.evaluate import eval_estimate
+    from shifu.eval_plan import eval_estimate
 
     return {"teacher": teacher_estimate(cfg), "training_memory_gib": memory_estimate(cfg),
             "evaluation": eval_estimate(cfg)}

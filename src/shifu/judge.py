@@ -72,6 +72,17 @@ def judge_teacher(cfg: Config) -> TeacherConfig:
         "temperature": 0.0, "top_p": None, "max_tokens": e.judge_max_tokens, "top_logprobs": 0})
 
 
+def check_judge(cfg: Config) -> None:
+    """Fail before the student is loaded, not after it has answered: a missing key is one line."""
+    from shifu.errors import UserError
+    from shifu.teacher import make_client
+
+    try:
+        make_client(judge_teacher(cfg))
+    except UserError as err:
+        raise type(err)(f"judge: {err} (or set eval.judge: false to evaluate without one)") from None
+
+
 def judge_prompt(pair: Pair, swapped: bool) -> str:
     lang = pair.lang if pair.lang in TEMPLATE else "en"
     rubric = RUBRIC[lang].get(pair.category, RUBRIC[lang]["问答"])
@@ -160,29 +171,14 @@ def identical(pair: Pair) -> bool:
     return pair.first.strip() == pair.second.strip()
 
 
-def eval_sizes(cfg: Config) -> dict:
-    """Expected held-out examples, answered prompts and knowledge questions, from chunks.jsonl
-    (the estimate runs the chunk stage first): what one `shifu eval` will generate and judge."""
-    from shifu.files import read_jsonl
-
-    path = cfg.work / "chunks.jsonl"
-    chunks = list(read_jsonl(path)) if path.exists() else []
-    per_chunk = cfg.tasks.qa_per_chunk * cfg.enable_qa + cfg.enable_article
-    held_chunks = max(1, round(len(chunks) * cfg.eval.eval_ratio)) if cfg.eval.eval_ratio > 0 and len(chunks) > 1 else 0
-    held = min(held_chunks * per_chunk, cfg.eval.max_examples)
-    trained_questions = (len(chunks) - held_chunks) * cfg.tasks.qa_per_chunk * cfg.enable_qa
-    passage = sum(estimate_tokens(c["text"]) for c in chunks) / max(len(chunks), 1)
-    return {"held_out_examples": held, "answered": min(held, max(cfg.eval.generate_examples, cfg.eval.num_samples)),
-            "judged": min(held, cfg.eval.generate_examples),
-            "knowledge": min(cfg.eval.knowledge_questions, trained_questions), "passage_tokens": passage}
-
-
 def judge_estimate(cfg: Config) -> dict:
     """Requests, tokens and the most they can cost, for the judge of one `shifu eval`."""
     from shifu.teacher import price_of
 
     if not cfg.eval.judge:
         return {"judge_requests": 0}
+    from shifu.eval_plan import eval_sizes
+
     sizes, tc = eval_sizes(cfg), judge_teacher(cfg)
     pairs = 2 * sizes["judged"] + sizes["knowledge"]  # vs base and vs teacher; knowledge vs base
     overhead = estimate_tokens(TEMPLATE["zh"] + RUBRIC["zh"]["问答"]) + 40  # the task's instruction
