@@ -257,3 +257,15 @@ def test_the_final_answer_is_scored_without_its_reasoning():
     assert strip_reasoning("<think>\nstill thinking when max_new_tokens ran out") == ""
     assert strip_reasoning("A plain answer.") == "A plain answer."
     assert strip_reasoning("<r>x</r> Done.", "r") == "Done."
+
+
+def test_the_shipped_thinking_config_loads_and_fits_one_24_gb_gpu():
+    from conftest import ROOT
+
+    from shifu.config import load_config
+    from shifu.estimate import memory_estimate
+
+    cfg = load_config(str(ROOT / "configs" / "deepseek-thinking-qwen3-8b.yaml"))
+    assert cfg.teacher.thinking and Request.build(cfg.teacher, "hi").params["thinking"] == {"type": "enabled"}
+    est = memory_estimate(cfg)
+    assert est["params"] == "8.19B" and est["total"] <= 24e9 / 2**30 - 0.5
