@@ -226,7 +226,7 @@ def head_memory() -> None:
              "| head | peak RSS GiB | s/step |", "| --- | ---: | ---: |"]
     lines += [f"| {label} | {rss:.2f} | {t:.2f} |" for label, (rss, t) in out.items()]
     lines += ["", f"Chunking saves {whole - chunk:.2f} GiB here ({chunk / whole:.2f}x the peak), for "
-              f"{t_chunk / t_whole:.2f}x the step time (the head's matmul runs again in the backward pass). "
+              f"{t_chunk / t_whole:.2f}x the step time (each chunk's gradient is computed while its logits exist). "
               "On a GPU with a 7B student the same chunking keeps the head's share at one chunk: "
               "512 x 152,064 x 4 bytes = 0.29 GiB a copy, whatever batch_size x max_length."]
     write_section("head_memory", "\n".join(lines))
