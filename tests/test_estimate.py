@@ -139,3 +139,19 @@ def test_estimate_json_on_the_command_line(make_config, tmp_path):
     assert result.exit_code == 0, result.output[-2000:]
     est = json.loads(result.stdout)
     assert est["training_memory_gib"]["params"] == "0.49B" and est["teacher"]["requests"] > 0
+
+
+def test_a_model_whose_code_cannot_run_on_meta_is_measured_on_a_stand_in(make_config, monkeypatch):
+    import shifu.estimate
+
+    real, calls = shifu.estimate.layer_copy_facts, []
+
+    def first_fails(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("flash_attn kernels need a GPU")
+        return real(*args)
+
+    monkeypatch.setattr(shifu.estimate, "layer_copy_facts", first_fails)
+    est = memory_estimate(make_config(model_name="Qwen/Qwen2.5-0.5B-Instruct", max_length=256, batch_size=1))
+    assert "qwen2 model of the same sizes" in est["activations_measured_on"] and est["activations"] > 0

@@ -166,9 +166,9 @@ def _flash_like_attention(module, query, key, value, attention_mask, scaling=Non
 def layer_copy_facts(mcfg, dtype, layers: int, lora, batch: int, length: int) -> tuple[int, int]:
     """(activation bytes, LoRA parameters) of a `layers`-layer copy of the model.
 
-    Activation bytes: what autograd keeps for the backward pass of a `layers`-layer copy of the model with its LoRA
-    adapters, measured on the meta device: the real code path (peft's fp32 casts, dropout masks,
-    RMSNorm's upcasts) with no memory and no compute. Frozen weights saved for backward are not counted."""
+    Activation bytes: what autograd keeps for the backward pass of that copy with its LoRA adapters,
+    measured on the meta device: the real code path (peft's fp32 casts, dropout masks, RMSNorm's
+    upcasts) with no memory and no compute. Frozen weights saved for backward are not counted."""
     import copy
 
     import torch
@@ -207,7 +207,8 @@ def memory_estimate(cfg: Config) -> dict:
 
     Weights: the student built on the meta device from its config in the dtype training loads
     (shifu.device's rule), the same shapes and dtypes as `load_student`, counted by dtype.
-    Adapter: peft's own LoRA layers on a 1- and 2-layer copy of that model, scaled to all layers, fp32 weights, gradients and AdamW's two moments.
+    Adapter: peft's own LoRA layers on a 1- and a 2-layer copy of that model, scaled to all layers:
+    fp32 weights, gradients and AdamW's two moments.
     Activations: what autograd saves, measured on a 1- and a 2-layer copy (the difference is one
     layer), for batch_size rows of max_length tokens; with gradient checkpointing each layer keeps
     only its input, and one layer at a time is recomputed. Output head: one chunk of answer positions
@@ -224,7 +225,11 @@ def memory_estimate(cfg: Config) -> dict:
         return {"note": str(err)}
     dtype = training_dtype(cfg)
     quantized = cfg.train.quantization == "4bit"
-    model = meta_causal_lm(mcfg, dtype, cfg.trust_remote_code)
+    try:
+        model = meta_causal_lm(mcfg, dtype, cfg.trust_remote_code)
+    except Exception as err:  # a model's own code that cannot run on the meta device
+        return {"note": f"model {cfg.model_name!r}: cannot be built on the meta device "
+                        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"}
     by_dtype = weight_bytes(model, quantized)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -232,11 +237,19 @@ def memory_estimate(cfg: Config) -> dict:
     b, n = cfg.batch_size, cfg.max_length
     layers, width = mcfg.num_hidden_layers, mcfg.hidden_size
     # peft on a whole 7B meta model takes seconds; a 1- and a 2-layer copy tell the same exactly
-    one, lora_one = layer_copy_facts(mcfg, dtype, 1, lora, b, n)
-    two, lora_two = layer_copy_facts(mcfg, dtype, 2, lora, b, n)
+    try:
+        one, lora_one = layer_copy_facts(mcfg, dtype, 1, lora, b, n)
+        two, lora_two = layer_copy_facts(mcfg, dtype, 2, lora, b, n)
+        measured_on = None
+    except Exception:  # a model's own attention code (trust_remote_code) that the meta device cannot run
+        stand_in, measured_on = qwen2_stand_in(mcfg), "a qwen2 model of the same sizes, all linear layers adapted"
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        one, lora_one = layer_copy_facts(stand_in, dtype, 1, lora, b, n)
+        two, lora_two = layer_copy_facts(stand_in, dtype, 2, lora, b, n)
     per_layer, outside = two - one, 2 * one - two  # outside the layers: embeddings, final norm
     lora_params = lora_one + (layers - 1) * (lora_two - lora_one)
-    size = dtype.itemsize if hasattr(dtype, "itemsize") else 2
+    size = dtype.itemsize
     full = layers * per_layer + outside
     ckpt = layers * b * n * width * size + per_layer + outside
     # backward: gradients of one layer's activations exist alongside its saved ones
@@ -255,7 +268,20 @@ def memory_estimate(cfg: Config) -> dict:
                tokens_per_micro_batch=b * n)
     if getattr(mcfg, "shifu_module_names", None) is not None:
         out["config_from"] = "shipped with shifu (offline)"
+    if measured_on:
+        out["activations_measured_on"] = measured_on
     return out
+
+
+def qwen2_stand_in(mcfg):
+    """A built-in architecture with the model's sizes, for models whose own code is not measurable."""
+    from transformers import Qwen2Config
+
+    width = mcfg.hidden_size
+    heads = getattr(mcfg, "num_attention_heads", None) or width // 128
+    return Qwen2Config(hidden_size=width, intermediate_size=getattr(mcfg, "intermediate_size", 4 * width),
+                       num_hidden_layers=mcfg.num_hidden_layers, num_attention_heads=heads,
+                       num_key_value_heads=getattr(mcfg, "num_key_value_heads", heads), vocab_size=mcfg.vocab_size)
 
 
 def run_estimate(cfg: Config) -> dict:
