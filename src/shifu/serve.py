@@ -14,6 +14,7 @@ runs in its own process group and is terminated with it on exit, SIGTERM include
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import signal
 import socket
@@ -62,17 +63,52 @@ def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, seconds: float
     raise UserError(f"the llama.cpp server did not answer within {seconds:.0f}s; see {log_path}")
 
 
+_top_wanted: list[int | None] = [None]  # the logprobs count of the completion being computed
+
+
+def _vocab_sorted(iterable, *, key=None, reverse=False):
+    """llama_cpp.llama's `sorted`. Its only calls sort (logprob, token id) pairs, highest first, and
+    read `[:logprobs]`: the first entries from a heap are the same answer as a full sort."""
+    if key is None and reverse and _top_wanted[0] is not None:
+        return heapq.nlargest(_top_wanted[0], iterable)
+    return sorted(iterable, key=key, reverse=reverse)
+
+
+def patch_llama_sort() -> None:
+    """For the server process: llama-cpp-python sorts the whole vocabulary's (logprob, id) pairs
+    (152k numpy scalars for Qwen) in Python for every answer token when logprobs are asked, to keep
+    the first top_logprobs: 0.5 CPU s a token here, most of a logprobs request's CPU time
+    (bench/teacher_server.py). The requested count is noted as each completion starts (the server
+    computes one at a time); without it the full sort runs."""
+    from llama_cpp import llama
+
+    create = llama.Llama._create_completion
+
+    def _create_completion(self, *args, **kwargs):
+        _top_wanted[0] = kwargs["logprobs"] if "logprobs" in kwargs and not args else None
+        yield from create(self, *args, **kwargs)
+
+    llama.Llama._create_completion = _create_completion
+    llama.sorted = _vocab_sorted
+
+
+# the server's own command line, with patch_llama_sort applied first
+_PATCHED_SERVER = ("import runpy, shifu.serve; shifu.serve.patch_llama_sort(); "
+                   "runpy.run_module('llama_cpp.server', run_name='__main__')")
+
+
 @contextlib.contextmanager
 def llama_cpp_server(gguf: str | Path, alias: str, log_path: str | Path, n_ctx: int = 4096,
                      port: int = 8765, ready_s: float = 300, host: str = "127.0.0.1",
-                     extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+                     extra_args: tuple[str, ...] = (), fast_logprobs: bool = True) -> Iterator[str]:
     """extra_args go last on the server's command line, so they override the settings here
-    (bench/teacher_server.py times n_threads and n_batch with them)."""
+    (bench/teacher_server.py times n_threads with them); fast_logprobs: patch_llama_sort."""
     if not Path(gguf).exists():
         raise UserError(f"{gguf}: GGUF file not found; run `make demo-models` (scripts/fetch_models.py)")
     port = free_port(port)
     url = f"http://127.0.0.1:{port}/v1"  # where this machine reaches it, whatever address it binds
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host, "--port", str(port),
+    launch = ["-c", _PATCHED_SERVER] if fast_logprobs else ["-m", "llama_cpp.server"]
+    cmd = [sys.executable, *launch, "--model", str(gguf), "--host", host, "--port", str(port),
            "--n_ctx", str(n_ctx), "--n_threads", str(os.cpu_count() or 1), "--model_alias", alias, *extra_args]
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
