@@ -29,6 +29,8 @@ def main() -> int:
         print(f"error: student folder {STUDENT} is missing; run `make demo-models` first", file=sys.stderr)
         return 2
     t0 = time.time()
+    print(f"load average at the start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+          "(the timings below are this machine's, shared or not)", flush=True)
     try:
         with llama_cpp_server(CACHE / "gguf" / "qwen1.5b.gguf", "qwen2.5-coder-1.5b-instruct",
                               ROOT / "runs" / "demo" / "teacher-server.log") as base_url:
@@ -40,8 +42,9 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if code == 0:
-        print(f"\ndemo done in {time.time() - t0:.0f}s. See runs/demo/: data/distill.jsonl, adapter/, "
-              "adapter_merged/, work/eval/samples.md, work/summary.json")
+        print(f"\ndemo done in {time.time() - t0:.0f}s (load average {os.getloadavg()[0]:.1f} at the end). "
+              "See runs/demo/: data/distill.jsonl, adapter/ (loss_curve.png), adapter_merged/, "
+              "work/eval/report.html, work/eval/samples.md, work/summary.json")
         print("talk to the student:  .venv/bin/shifu chat configs/demo.yaml\n"
               "export it (GGUF + Ollama Modelfile):  .venv/bin/shifu export configs/demo.yaml --gguf --quant q4_k_m")
     return code
