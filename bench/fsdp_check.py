@@ -52,6 +52,7 @@ def prepare(folder: Path, hidden: int) -> Path:
 
 def config(folder: Path, student: Path, name: str, batch_size: int) -> Path:
     import conftest
+
     from shifu.config import config_from_dict
 
     cfg = config_from_dict({

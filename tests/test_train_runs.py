@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from transformers import Trainer
 
-from conftest import ROOT, run_shifu, write_config
+from conftest import ROOT, write_config
 from shifu.pipeline import run_all
 from shifu.train import run_train
 
@@ -94,7 +93,7 @@ def train_killed_after(checkpoint: int, yaml) -> subprocess.CompletedProcess:
 
 
 def updates_per_epoch(cfg, accumulation: int) -> int:
-    n = sum(1 for _ in open(cfg.jsonl_output_path, encoding="utf-8"))
+    n = len(Path(cfg.jsonl_output_path).read_text(encoding="utf-8").splitlines())
     return math.ceil(math.ceil(n / cfg.batch_size) / accumulation)
 
 
@@ -111,7 +110,7 @@ def test_killed_at_any_moment_the_resumed_run_matches_an_uninterrupted_one(prepa
     every = math.gcd(*stops)  # a checkpoint at each stop, and no more of them than that needs
     ref, _ = variant(prepared, tmp_path, "ref", train__packing=False, train__save_steps=every, **RESUMABLE)
     cut, cut_yaml = variant(prepared, tmp_path, "cut", train__packing=False, train__save_steps=every, **RESUMABLE)
-    assert sum(1 for _ in open(ref.eval_jsonl_path, encoding="utf-8")) > 0, "no held-out examples to evaluate"
+    assert ref.eval_jsonl_path.read_text(encoding="utf-8").strip(), "no held-out examples to evaluate"
     run_train(ref)  # uninterrupted, in this process: it has paid for the imports already
     resumed_from = None
     for stop in stops:
