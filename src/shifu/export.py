@@ -266,7 +266,10 @@ def check_export(merged: Path, gguf: Path, prompts: list[str], max_new_tokens: i
         pairs.append((hf_greedy(model, tok, ids, max_new_tokens), llama_greedy(llm, ids, max_new_tokens)))
     llm.close()
     return {**agreement(pairs), "prompt_tokens_equal": same_prompt,
-            "end_tokens_stop_llama_cpp": all(bool(llama_cpp.llama_vocab_is_eog(vocab, t)) for t in ends),
+            # Tokens transformers stops on that llama.cpp does not treat as end of generation (Qwen's
+            # plain-text "</s>" is one): Ollama's Modelfile stops on them as text instead.
+            "end_tokens_not_eog": [tok.convert_ids_to_tokens(t) for t in ends
+                                   if not llama_cpp.llama_vocab_is_eog(vocab, t)],
             "max_new_tokens": max_new_tokens}
 
 
