@@ -78,7 +78,7 @@ def test_a_template_that_is_not_chatml_gets_no_made_up_template(tiny_student):
 
 def test_agreement_counts_the_identical_prefix():
     got = agreement([([1, 2, 3, 4], [1, 2, 3, 4]), ([1, 2, 3, 4], [1, 2, 9, 4]), ([5, 6], [7])])
-    assert got == {"prompts": 3, "exact": 1, "token_agreement": 0.6, "first_divergence": [4, 2, 0]}
+    assert got == {"prompts": 3, "exact": 1, "token_agreement": 0.6, "same_prefix": [4, 2, 0]}
 
 
 def test_export_needs_a_merged_model_and_a_known_quant(make_config):

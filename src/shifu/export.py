@@ -235,7 +235,8 @@ def llama_greedy(llm, prompt_ids: list[int], n: int) -> list[int]:
 
 
 def agreement(pairs: list[tuple[list[int], list[int]]]) -> dict:
-    """Per prompt, how far the two greedy continuations run identical; exact = whole sequences equal."""
+    """Per prompt, how many leading tokens the two greedy continuations share (same_prefix); exact:
+    whole sequences equal; token_agreement: shared prefixes over the transformers tokens."""
     same = []
     for a, b in pairs:
         k = 0
@@ -244,7 +245,7 @@ def agreement(pairs: list[tuple[list[int], list[int]]]) -> dict:
         same.append(k)
     total = sum(len(a) for a, _ in pairs)
     return {"prompts": len(pairs), "exact": sum(a == b for a, b in pairs),
-            "token_agreement": round(sum(same) / max(total, 1), 4), "first_divergence": same}
+            "token_agreement": round(sum(same) / max(total, 1), 4), "same_prefix": same}
 
 
 def check_export(merged: Path, gguf: Path, prompts: list[str], max_new_tokens: int = 24) -> dict:
