@@ -269,3 +269,73 @@ def test_the_shipped_thinking_config_loads_and_fits_one_24_gb_gpu():
     assert cfg.teacher.thinking and Request.build(cfg.teacher, "hi").params["thinking"] == {"type": "enabled"}
     est = memory_estimate(cfg)
     assert est["params"] == "8.19B" and est["total"] <= 24e9 / 2**30 - 0.5
+
+
+# ---- multi-turn ---------------------------------------------------------------------------------
+
+def _labelled_runs(item) -> tuple[list[list[int]], list[int]]:
+    """Labelled runs of token ids, and the unlabelled ids after the first label."""
+    runs, off, started = [], [], False
+    for tid, lab in zip(item["input_ids"].tolist(), item["labels"].tolist()):
+        if lab != -100:
+            if not runs or not started:
+                runs.append([])
+            runs[-1].append(tid)
+            started = True
+        elif runs:
+            off.append(tid)
+            started = False
+    return runs, off
+
+
+def test_a_follow_up_trains_as_one_conversation_with_loss_on_both_answers(tiny_student):
+    from shifu.encode import encode_examples
+    from shifu.train import SFTDataset
+
+    tok = _tok(tiny_student)
+    ex = {"instruction": "And who teaches it?", "input": "", "output": "A larger teacher model.",
+          "history": [{"user": "What is distillation?", "assistant": "Teaching a small model."}]}
+    single = {"instruction": "What is distillation?", "input": "", "output": "Teaching a small model."}
+    enc = encode_examples(tok, [ex, single], 256)
+    item = SFTDataset(enc)[0]
+    runs, off = _labelled_runs(item)
+    assert [tok.decode(r) for r in runs] == ["Teaching a small model.<|im_end|>", "A larger teacher model.<|im_end|>"]
+    assert tok.decode(off) == "\n<|im_start|>user\nAnd who teaches it?<|im_end|>\n<|im_start|>assistant\n"
+    full = tok.apply_chat_template([{"role": "user", "content": "What is distillation?"},
+                                    {"role": "assistant", "content": "Teaching a small model."},
+                                    {"role": "user", "content": "And who teaches it?"},
+                                    {"role": "assistant", "content": "A larger teacher model."}], tokenize=False)
+    assert tok.decode(item["input_ids"]) + "\n" == full
+    assert enc.masked[1] == [] and len(_labelled_runs(SFTDataset(enc)[1])[0]) == 1  # a single turn as before
+
+
+def test_follow_ups_are_asked_in_context_stored_exported_and_encoded(fake_server, make_config, tmp_path):
+    from shifu.encode import encode_examples
+    from shifu.reasoning import attach_extras
+    from shifu.tasks import follow_up_answer_request
+    from shifu.train import SFTDataset, read_split
+
+    server = fake_server()
+    cfg = make_config(server.url, tasks__follow_ups=True, dataset__formats=["messages"])
+    stats = teach(cfg)
+    assert stats["complete"]
+    run_stage("dataset", cfg)
+    follow = [e for e in read_jsonl(cfg.examples_path) if e.get("history")]
+    firsts = {(e["instruction"], e["input"]): e["output"] for e in read_jsonl(cfg.examples_path) if e["key"]}
+    assert follow and all(e["key"] and e["category"] == "问答" for e in follow)
+    for e in follow:  # the first exchange is the open-book question with the teacher's own answer to it
+        (turn,) = e["history"]
+        req = follow_up_answer_request(turn["user"], turn["assistant"], e["instruction"], cfg)
+        assert req.key == e["key"] and [m["role"] for m in req.messages] == ["user", "assistant", "user"]
+        assert any(turn["user"] == f"{i}\n\n{n}" and o == turn["assistant"] for (i, n), o in firsts.items())
+    conversations = [m["messages"] for m in read_jsonl(tmp_path / "data" / "distill.messages.jsonl")]
+    assert any([m["role"] for m in c] == ["user", "assistant", "user", "assistant"] for c in conversations)
+    train, _ = read_split(cfg)
+    assert all(list(r) == ["instruction", "input", "output", "chunk_id", "category"] for r in train)
+    rows = [r for r in attach_extras(cfg, train) if r.get("history")]
+    assert rows
+    tok = _tok(cfg.model_name)
+    item = SFTDataset(encode_examples(tok, rows[:1], 1024))[0]
+    runs, _ = _labelled_runs(item)
+    assert [tok.decode(r) for r in runs] == [rows[0]["history"][0]["assistant"] + "<|im_end|>",
+                                             rows[0]["output"] + "<|im_end|>"]

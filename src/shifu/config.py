@@ -56,6 +56,7 @@ class TasksConfig(Section):
     min_answer_chars: int = Field(4, ge=0, description="Teacher answers shorter than this are rejected.")
     max_copy_ratio: float = Field(0.9, gt=0, le=1, description="An answer whose longest run copied from the chunk covers more than this share is rejected.")
     near_dup_threshold: float = Field(0.9, gt=0, le=1, description="Answers more similar than this to an earlier answer are rejected as near-duplicates.")
+    follow_ups: bool = Field(False, description="After each open-book answer, have the teacher ask one follow-up question on the same passage and answer it with the first exchange in context: a two-turn conversation, trained on both answers.")
 
 
 class Price(Section):

@@ -32,7 +32,8 @@ from shifu.files import read_jsonl, write_jsonl
 from shifu.formats import write_formats
 from shifu.records import Chunk, Example, StoredAnswer, Task
 from shifu.store import Store
-from shifu.tasks import answer_requests, qa_answer_task, questions_for, task_request
+from shifu.tasks import (answer_requests, follow_up_answer_request, follow_up_question, follow_up_request,
+                         qa_answer_task, questions_for, task_request)
 
 log = logging.getLogger("shifu")
 Lookup = Callable[[str], StoredAnswer | None]  # answer key -> the stored answer, or None
@@ -93,9 +94,26 @@ def _teacher_examples(task: Task, cfg: Config, get: Lookup) -> list[tuple[dict, 
         instruction, input_ = qa_answer_task(task, q, cfg)
         if cfg.tasks.qa_mode in ("open", "both"):
             out.append(({"instruction": instruction, "input": input_}, req.key, ""))
+            if cfg.tasks.follow_ups:
+                out += _follow_up(task, q, req, cfg, get)
         if cfg.tasks.qa_mode in ("closed", "both"):
             out.append(({"instruction": q, "input": ""}, req.key, ""))
     return out
+
+
+def _follow_up(task: Task, question: str, req, cfg: Config, get: Lookup) -> list[tuple[dict, str | None, str]]:
+    """tasks.follow_ups: the second turn of a conversation, the first exchange as its history."""
+    first = get(req.key)
+    if first is None or first["flags"] or not first["content"].strip():
+        return []
+    answer = first["content"].strip()
+    proposed = get(follow_up_request(task, question, answer, cfg).key)
+    q2 = follow_up_question(proposed["content"]) if proposed and not proposed["flags"] else None
+    if not q2:
+        return []
+    prompt = req.messages[-1]["content"]
+    return [({"instruction": q2, "input": "", "history": [{"user": prompt, "assistant": answer}]},
+             follow_up_answer_request(prompt, answer, q2, cfg).key, "")]
 
 
 def build_examples(tasks: list[Task], chunks: dict[int, Chunk], cfg: Config,

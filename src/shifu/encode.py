@@ -28,6 +28,7 @@ class Encoded:
     input_ids: list[np.ndarray]
     answer_start: np.ndarray  # index of the first answer token in each example
     truncated: int = 0
+    masked: list[list[tuple[int, int]]] | None = None  # unlabelled spans after answer_start (a follow-up's user turn)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -77,8 +78,9 @@ def encode_examples(tok, examples: list[dict], max_length: int, system_prompt: s
         return _encode(tok, examples, max_length, system_prompt, reasoning)
     thoughts = [e["reasoning"] for e in examples if e.get("reasoning")]
     key = hash_obj([tok.name_or_path, len(tok), tok.chat_template, max_length, system_prompt,
-                    [(e["instruction"], e["input"], e["output"], *([e["reasoning"]] if e.get("reasoning") else []))
-                     for e in examples], *([list(reasoning)] if thoughts else [])])
+                    [(e["instruction"], e["input"], e["output"], *([e["reasoning"]] if e.get("reasoning") else []),
+                      *([e["history"]] if e.get("history") else [])) for e in examples],
+                    *([list(reasoning)] if thoughts else [])])
     path = Path(cache_dir) / f"encoded-{key[:16]}.npz"
     with build_lock(path):
         if path.exists():
@@ -94,20 +96,41 @@ def _encode(tok, examples: list[dict], max_length: int, system_prompt: str | Non
 
     parts = template_parts(tok, system_prompt)
     thinks = template_reasoning(tok, system_prompt) if any(e.get("reasoning") for e in examples) else None
-    rows = [encode_one(tok, parts, e["instruction"], e["input"], target_text(e, thinks, *reasoning), max_length)
+    rows = [_conversation(tok, system_prompt, e, thinks, reasoning, max_length) if e.get("history") else
+            (*encode_one(tok, parts, e["instruction"], e["input"], target_text(e, thinks, *reasoning), max_length), [])
             for e in examples]
-    return Encoded([r[0] for r in rows], np.asarray([r[1] for r in rows], np.int64), sum(r[2] for r in rows))
+    masked = [r[3] for r in rows]
+    return Encoded([r[0] for r in rows], np.asarray([r[1] for r in rows], np.int64), sum(r[2] for r in rows),
+                   masked if any(masked) else None)
+
+
+def _conversation(tok, system_prompt, e: dict, thinks, reasoning, max_length: int):
+    """A follow-up with its earlier turns; its reasoning goes in only where no template writes it."""
+    from shifu.conversation import encode_conversation
+    from shifu.reasoning import target_text
+
+    last = target_text(e, None, *reasoning) if thinks is None else e["output"]
+    turns = [(t["user"], t["assistant"]) for t in e["history"]] + [(format_prompt(e["instruction"], e["input"]), last)]
+    ids, start, masked, truncated = encode_conversation(tok, system_prompt, turns, max_length)
+    return ids, start, truncated, masked
 
 
 def _load(path: Path) -> Encoded:
     z = np.load(path)
     flat, offsets = z["flat"], z["offsets"]
     ids = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    return Encoded(ids, z["answer_start"], int(z["truncated"]))
+    masked = None
+    if "masked" in z.files and len(z["masked"]):
+        masked = [[] for _ in ids]
+        for i, a, b in z["masked"].tolist():
+            masked[i].append((a, b))
+    return Encoded(ids, z["answer_start"], int(z["truncated"]), masked)
 
 
 def _save(enc: Encoded, path: Path) -> None:
     offsets = np.cumsum([0] + [len(r) for r in enc.input_ids])
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, flat=np.concatenate(enc.input_ids) if len(enc) else np.zeros(0, np.int32),
-                 offsets=offsets, answer_start=enc.answer_start, truncated=enc.truncated)
+                 offsets=offsets, answer_start=enc.answer_start, truncated=enc.truncated,
+                 masked=np.asarray([(i, a, b) for i, spans in enumerate(enc.masked or []) for a, b in spans],
+                                   np.int64).reshape(-1, 3))

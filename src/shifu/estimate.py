@@ -81,6 +81,13 @@ def teacher_estimate(cfg: Config) -> dict:
             inputs += sum(prompts)
             expected_out += len(prompts) * out
             max_out += len(prompts) * tc.max_tokens
+            if cfg.tasks.follow_ups and cfg.tasks.qa_mode != "closed":
+                # per answer, a follow-up question then its answer, each with the first exchange in the
+                # prompt (counted in full even where a resumed run stored some of them)
+                requests += 2 * len(prompts)
+                inputs += sum(2 * (p + int(out)) + QUESTION_TOKENS for p in prompts)
+                expected_out += len(prompts) * (QUESTION_TOKENS + out)
+                max_out += 2 * len(prompts) * tc.max_tokens
     finally:
         if store:
             store.close()

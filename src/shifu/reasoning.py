@@ -7,7 +7,7 @@ A student whose chat template renders `reasoning_content` on the last assistant 
 learns the reasoning exactly as its template writes it, then the answer. Any other student
 follows train.reasoning: include puts the reasoning inside <reasoning_tag>...</reasoning_tag>
 before the answer, drop trains on the answer alone. The reasoning lives in work_dir/examples.jsonl
-(the Alpaca files keep their five fields); `attach_reasoning` joins it to the rows training reads.
+(the Alpaca files keep their five fields); `attach_extras` joins it to the rows training reads.
 """
 
 from __future__ import annotations
@@ -45,16 +45,16 @@ def target_text(example: dict, parts: tuple[str, str] | None, mode: str, tag: st
     return with_reasoning(example["output"], reasoning, tag) if mode == "include" else example["output"]
 
 
-def attach_reasoning(cfg: Config, rows: list[dict]) -> list[dict]:
-    """Rows of the Alpaca files with the teacher's reasoning from examples.jsonl where it has one."""
+def attach_extras(cfg: Config, rows: list[dict]) -> list[dict]:
+    """Rows of the Alpaca files with what its five fields cannot hold, from examples.jsonl: the
+    teacher's reasoning, and a follow-up's earlier turns (tasks.follow_ups)."""
     if not cfg.examples_path.exists():
         return rows
-    found = {(e["instruction"], e["input"], e["output"]): e["reasoning"]
-             for e in read_jsonl(cfg.examples_path) if e.get("reasoning")}
+    found = {(e["instruction"], e["input"], e["output"]): {k: e[k] for k in ("reasoning", "history") if e.get(k)}
+             for e in read_jsonl(cfg.examples_path) if e.get("reasoning") or e.get("history")}
     if not found:
         return rows
-    return [{**r, "reasoning": found[k]} if (k := (r["instruction"], r["input"], r["output"])) in found else r
-            for r in rows]
+    return [{**r, **found.get((r["instruction"], r["input"], r["output"]), {})} for r in rows]
 
 
 def reasoning_tag(tok, system_prompt: str | None, configured: str) -> str:

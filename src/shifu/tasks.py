@@ -221,6 +221,36 @@ def answer_requests(task: Task, questions: list[str], cfg: Config) -> list[tuple
     return out
 
 
+FOLLOW_UP = {
+    "zh": ("下面是一段文字、读者就它提出的问题和得到的回答。请写出这位读者接下来最可能就这段文字追问的一个问题。"
+           "只输出这个问题。\n\n文字：\n{chunk}\n\n问题：{question}\n\n回答：{answer}"),
+    "en": ("Below are a passage, a reader's question about it and the answer they got. Write the one follow-up "
+           "question this reader would most likely ask next about the passage. Output the question only."
+           "\n\nPassage:\n{chunk}\n\nQuestion: {question}\n\nAnswer: {answer}"),
+}
+
+
+def follow_up_request(task: Task, question: str, answer: str, cfg: Config) -> Request:
+    """The teacher proposes the follow-up question a reader would ask after the first exchange."""
+    prompt = FOLLOW_UP.get(task["lang"], FOLLOW_UP["en"]).format(chunk=task["input"], question=question, answer=answer)
+    return Request.build(cfg.teacher, prompt, logprobs=False)
+
+
+def follow_up_question(content: str) -> str | None:
+    """The proposed question: its first non-empty line, without a label or quotes; None when there is none."""
+    lines = [ln.strip() for ln in content.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    q = re.sub(r"^(问题|追问|follow-up question|question)\s*[:：]\s*", "", lines[0], flags=re.I).strip("\"'“”「」 ")
+    return q or None
+
+
+def follow_up_answer_request(first_prompt: str, first_answer: str, question: str, cfg: Config) -> Request:
+    """The follow-up, answered with the first exchange (passage, question, answer) in context."""
+    history = [{"role": "user", "content": first_prompt}, {"role": "assistant", "content": first_answer}]
+    return Request.build(cfg.teacher, question, logprobs=False, history=history)
+
+
 def questions_for(task: Task, cfg: Config, get: Callable[[str], StoredAnswer | None]) -> tuple[list[str] | None, str]:
     """Questions from the stored proposal, or its re-ask; (None, reason) when neither parses yet."""
     reason = "no stored proposal"

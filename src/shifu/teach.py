@@ -36,7 +36,8 @@ from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
 from shifu.records import StoredAnswer, Task
 from shifu.store import Store
-from shifu.tasks import answer_requests, parse_questions, task_request
+from shifu.tasks import (answer_requests, follow_up_answer_request, follow_up_question, follow_up_request,
+                         parse_questions, task_request)
 from shifu.teacher import Answer, Request, Retryable, is_local, make_client, price_of
 
 log = logging.getLogger("shifu")
@@ -360,8 +361,21 @@ def schedule(runner: Runner, tasks: list[Task], cfg: Config) -> None:
                 else:
                     runner.add(task_request(task, cfg, reask=True), lambda s, t=task: on_questions(s, t, True))
                 return
-            for _, req in answer_requests(task, questions, cfg):
-                runner.add(req)
+            for q, req in answer_requests(task, questions, cfg):
+                runner.add(req, (lambda s, t=task, q=q, r=req: on_answer(s, t, q, r)) if cfg.tasks.follow_ups else None)
+
+        def on_answer(stored: StoredAnswer, task: Task, question: str, req) -> None:
+            """tasks.follow_ups: a clean answer gets a follow-up question, then its answer in context."""
+            if stored["flags"] or not stored["content"].strip():
+                return
+            first, answer = req.messages[-1]["content"], stored["content"].strip()
+
+            def on_follow_up(proposed: StoredAnswer) -> None:
+                q2 = follow_up_question(proposed["content"])
+                if q2 and not proposed["flags"]:
+                    runner.add(follow_up_answer_request(first, answer, q2, cfg))
+
+            runner.add(follow_up_request(task, question, answer, cfg), on_follow_up)
 
         runner.add(task_request(task, cfg), on_questions)
 

@@ -46,8 +46,10 @@ class Request:
     est_prompt_tokens: int
 
     @staticmethod
-    def build(tc: TeacherConfig, prompt: str, json_mode: bool = False, logprobs: bool = True) -> "Request":
-        messages = [{"role": "user", "content": prompt}]
+    def build(tc: TeacherConfig, prompt: str, json_mode: bool = False, logprobs: bool = True,
+              history: list[dict] | None = None) -> "Request":
+        """`history`: earlier turns of the conversation (user and assistant messages) before `prompt`."""
+        messages = [*(history or []), {"role": "user", "content": prompt}]
         params: dict[str, Any] = {"temperature": tc.temperature, "max_tokens": tc.max_tokens,
                                   **thinking_body(tc.extra_body, tc.thinking)}
         if tc.top_p is not None:
@@ -59,7 +61,7 @@ class Request:
         # The key covers everything that changes the answer, so the same request is never bought twice.
         key = hashlib.sha256(json.dumps([tc.base_url.rstrip("/"), tc.model, messages, params],
                                         sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        return Request(key, messages, params, estimate_tokens(prompt))
+        return Request(key, messages, params, estimate_tokens("".join(m["content"] for m in messages)))
 
 
 def thinking_body(extra: dict, thinking: bool) -> dict:

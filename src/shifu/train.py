@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from shifu.config import Config, DistillConfig, dump_config
 from shifu.device import placement
 from shifu.encode import Encoded, encode_examples
-from shifu.reasoning import attach_reasoning
+from shifu.reasoning import attach_extras
 from shifu.errors import UserError
 from shifu.files import atomic_dir, build_lock, hash_obj, read_json, read_jsonl, write_json
 from shifu.losses import chunked_loss_sums, loss_sums
@@ -57,6 +57,8 @@ class SFTDataset(torch.utils.data.Dataset):
         ids = self.enc.input_ids[i].astype(np.int64)
         labels = ids.copy()
         labels[: self.enc.answer_start[i]] = -100
+        for a, b in self.enc.masked[i] if self.enc.masked else ():  # a follow-up's second user turn
+            labels[a:b] = -100
         item = {"input_ids": ids, "labels": labels}
         if self.targets is not None:
             width = self.targets.width
@@ -329,8 +331,9 @@ def run_train(cfg: Config) -> dict:
     train, held = read_split(cfg)
     tok = load_tokenizer(cfg.model_name, cfg.trust_remote_code)
     cache = cfg.work / "cache"
-    # a thinking teacher's reasoning joins the target (shifu.reasoning: the template's way, or train.reasoning)
-    train, held = attach_reasoning(cfg, train), attach_reasoning(cfg, held)
+    # a thinking teacher's reasoning joins the target (shifu.reasoning: the template's way, or train.reasoning),
+    # and a follow-up its first exchange (tasks.follow_ups)
+    train, held = attach_extras(cfg, train), attach_extras(cfg, held)
     thinking = (cfg.train.reasoning, cfg.train.reasoning_tag)
     enc_train = encode_examples(tok, train, cfg.max_length, cfg.train.system_prompt, cache, thinking)
     enc_eval = encode_examples(tok, held, cfg.max_length, cfg.train.system_prompt, cache, thinking) if held else None
