@@ -121,7 +121,7 @@ def test_teach_then_dataset_keeps_the_reasoning_and_estimate_counts_it(fake_serv
     assert est["expected_reasoning_tokens"] == 300 * est["requests"]
     assert est["expected_output_tokens"] == plain["expected_output_tokens"] + 300 * est["requests"]
     stats = run_stage("teach", cfg)
-    assert stats["complete"]
+    assert stats["complete"] and 0 < stats["reasoning_tokens"] < stats["completion_tokens"]
     run_stage("dataset", cfg)
     examples = [e for e in read_jsonl(cfg.examples_path) if e["key"]]
     assert examples and all(e["reasoning"].startswith("Let me think.") for e in examples)

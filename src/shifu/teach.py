@@ -171,6 +171,7 @@ class Stats:
     unsent: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens, a thinking teacher's reasoning (teacher.thinking)
     cache_hit_tokens: int = 0
     cache_miss_tokens: int = 0
     cost: float = 0.0
@@ -326,6 +327,7 @@ class Runner:
         s.done += 1
         s.prompt_tokens += int(u.get("prompt_tokens", 0))
         s.completion_tokens += int(u.get("completion_tokens", 0))
+        s.reasoning_tokens += int(u.get("reasoning_tokens", 0))
         s.cache_hit_tokens += int(u.get("prompt_cache_hit_tokens", 0))
         s.cache_miss_tokens += int(u.get("prompt_cache_miss_tokens", 0))
         s.cost += cost or 0.0
