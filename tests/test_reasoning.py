@@ -339,3 +339,25 @@ def test_follow_ups_are_asked_in_context_stored_exported_and_encoded(fake_server
     runs, _ = _labelled_runs(item)
     assert [tok.decode(r) for r in runs] == [rows[0]["history"][0]["assistant"] + "<|im_end|>",
                                              rows[0]["output"] + "<|im_end|>"]
+
+
+def test_training_reads_reasoning_and_follow_ups_from_the_run(fake_server, make_config, tiny_student, tmp_path):
+    import shutil
+
+    from shifu.encode import _load
+
+    student = tmp_path / "qwen3ish"
+    shutil.copytree(tiny_student, student)
+    _tok(tiny_student, QWEN3_STYLE).save_pretrained(student)
+    server = fake_server(reasoning_field="reasoning_content")
+    cfg = make_config(server.url, model_name=str(student), teacher__thinking=True, tasks__follow_ups=True,
+                      max_length=512, train__max_steps=1, eval__eval_ratio=0.0)
+    teach(cfg)
+    run_stage("dataset", cfg)
+    assert run_stage("train", cfg)["steps"] == 1
+    (cache,) = (cfg.work / "cache").glob("encoded-*.npz")
+    enc = _load(cache)
+    tok = _tok(student)
+    texts = [tok.decode(ids[start:]) for ids, start in zip(enc.input_ids, enc.answer_start)]
+    assert sum(t.startswith("<think>\nLet me think.") for t in texts) > 0  # reasoning + answer, as Qwen3 writes it
+    assert enc.masked and sum(bool(m) for m in enc.masked) > 0  # follow-ups: the second user turn unlabelled
