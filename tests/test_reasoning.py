@@ -361,3 +361,10 @@ def test_training_reads_reasoning_and_follow_ups_from_the_run(fake_server, make_
     texts = [tok.decode(ids[start:]) for ids, start in zip(enc.input_ids, enc.answer_start)]
     assert sum(t.startswith("<think>\nLet me think.") for t in texts) > 0  # reasoning + answer, as Qwen3 writes it
     assert enc.masked and sum(bool(m) for m in enc.masked) > 0  # follow-ups: the second user turn unlabelled
+
+
+def test_the_judge_of_a_thinking_run_does_not_think(make_config):
+    from shifu.judge import judge_teacher
+
+    jt = judge_teacher(make_config(teacher__thinking=True))
+    assert not jt.thinking and Request.build(jt, "[[A]]").params["thinking"] == {"type": "disabled"}

@@ -69,7 +69,8 @@ def judge_teacher(cfg: Config) -> TeacherConfig:
     e = cfg.eval
     return cfg.teacher.model_copy(update={
         "model": e.judge_model or cfg.teacher.model, "base_url": e.judge_base_url or cfg.teacher.base_url,
-        "temperature": 0.0, "top_p": None, "max_tokens": e.judge_max_tokens, "top_logprobs": 0})
+        "temperature": 0.0, "top_p": None, "max_tokens": e.judge_max_tokens, "top_logprobs": 0,
+        "thinking": False})  # a verdict of one marker: a thinking judge would spend max_tokens thinking
 
 
 def check_judge(cfg: Config) -> None:
