@@ -54,4 +54,5 @@ class Example(TypedDict):
     kind: str
     key: str | None  # the stored answer it came from; None for examples from the text itself
     reasoning: NotRequired[str]  # the teacher's reasoning before this output (teacher.thinking)
+    history: NotRequired[list[dict]]  # a follow-up's earlier turns: [{"user", "assistant"}] (tasks.follow_ups)
     split: NotRequired[Literal["train", "eval"]]
