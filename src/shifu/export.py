@@ -258,7 +258,8 @@ def check_export(merged: Path, gguf: Path, prompts: list[str], max_new_tokens: i
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count() or 1, verbose=False,
                           seed=0, n_gpu_layers=0)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ends = end_token_ids(tok)
+    # Tokens transformers stops on that llama.cpp would not stop on; asked before close() frees the vocab.
+    not_eog = [tok.convert_ids_to_tokens(t) for t in end_token_ids(tok) if not llama_cpp.llama_vocab_is_eog(vocab, t)]
     pairs, same_prompt = [], 0
     for p in prompts:
         text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
@@ -266,11 +267,7 @@ def check_export(merged: Path, gguf: Path, prompts: list[str], max_new_tokens: i
         same_prompt += llm.tokenize(text.encode(), add_bos=False, special=True) == ids
         pairs.append((hf_greedy(model, tok, ids, max_new_tokens), llama_greedy(llm, ids, max_new_tokens)))
     llm.close()
-    return {**agreement(pairs), "prompt_tokens_equal": same_prompt,
-            # Tokens transformers stops on that llama.cpp does not treat as end of generation (Qwen's
-            # plain-text "</s>" is one): Ollama's Modelfile stops on them as text instead.
-            "end_tokens_not_eog": [tok.convert_ids_to_tokens(t) for t in ends
-                                   if not llama_cpp.llama_vocab_is_eog(vocab, t)],
+    return {**agreement(pairs), "prompt_tokens_equal": same_prompt, "end_tokens_not_eog": not_eog,
             "max_new_tokens": max_new_tokens}
 
 
