@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP) export-tools
+	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP) export-tools

@@ -84,7 +84,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = "\n".join([
         "## Merge memory (`bench/merge_memory.py`)", "",
-        f"Command: `.venv/bin/python bench/merge_memory.py`  ",
+        "Command: `.venv/bin/python bench/merge_memory.py`  ",
         f"Machine: {machine('torch', 'transformers', 'peft')}  ",
         f"Student: {STUDENT}'s shape (494M parameters) with random weights, stored in bf16 "
         f"({size:.2f} GiB of safetensors); LoRA r=16 on all linear layers. Each merge in its own process, on CPU; "
@@ -92,7 +92,9 @@ def main() -> None:
         "| merge | computed in | peak RSS GiB | vs bf16 model size | seconds | max logit diff vs base + adapter |",
         "| --- | --- | ---: | ---: | ---: | ---: |", *rows, "",
         "A 7B student scales the weights' share by 15x: about 15 GiB of RAM for a bf16 merge instead of 30 GiB "
-        "in fp32; with a GPU the base is loaded onto it and the RAM holds little more than Python and torch. On CPU the bf16 merge takes longer than the fp32 one (bf16 arithmetic is slower there; the machine was also shared with other work, load average about 11)."])
+        "in fp32; with a GPU the base is loaded onto it and the RAM holds little more than Python and torch. "
+        "On CPU the bf16 merge takes longer than the fp32 one (bf16 arithmetic is slower there; the machine was "
+        "also shared with other work, load average about 11)."])
     write_section("merge_memory", text)
     print(text)
 

@@ -65,7 +65,7 @@ class Server:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("the fake server did not start")
+                    raise RuntimeError("the fake server did not start") from None
                 time.sleep(0.05)
 
     @property

@@ -128,7 +128,9 @@ def make_config(tmp_path, tiny_student):
                         "backoff_base_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5, "max_attempts": 8},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
             "train": {"report_to": ["none"], "logging_steps": 1, "save_steps": 1000},
-            "eval": {"eval_ratio": 0.2, "num_samples": 1, "max_new_tokens": 8, "max_examples": 4},
+            # few generated answers and resamples: the defaults size a real evaluation, not a unit test
+            "eval": {"eval_ratio": 0.2, "num_samples": 1, "max_new_tokens": 8, "max_examples": 4,
+                     "generate_examples": 2, "knowledge_questions": 2, "bootstrap_samples": 200},
         }
         for dotted, value in overrides.items():
             node = tree

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shifu.align import TargetWriter, Targets, align, student_vocab
+from shifu.align import Targets, TargetWriter, align, student_vocab
 from shifu.models import token_bytes_table
 
 

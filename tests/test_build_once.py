@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 from conftest import ROOT, write_config
+
 from shifu.files import atomic_dir, build_lock
 
 READER = textwrap.dedent("""

@@ -8,8 +8,8 @@ import threading
 from collections import namedtuple
 
 import pytest
-
 from conftest import run_shifu, write_config
+
 from shifu.check import check_file, failures, run_check
 
 

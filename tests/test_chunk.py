@@ -8,13 +8,12 @@ import random
 import re
 
 import pytest
+from conftest import EN, MIXED, SAMPLE_ZH, TRAD, ZH
 
 from shifu.chunk import LEVELS, SENTENCE_END, Tokens, _quote, chunk_blocks, run_chunk, split_text
 from shifu.dedup import Deduper
 from shifu.errors import UserError
 from shifu.read import normalise, read_blocks
-
-from conftest import EN, MIXED, SAMPLE_ZH, TRAD, ZH
 
 NO_PUNCT_ZH = re.sub(r"[^\u4e00-\u9fff]", "", ZH)
 NO_PUNCT_EN = re.sub(r"[^A-Za-z ]", "", EN.replace("\n", " "))

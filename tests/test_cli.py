@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
-
 from conftest import SAMPLE_EN, run_shifu, write_config
+from safetensors import safe_open
 
 FIELDS = {"instruction", "input", "output", "chunk_id", "category"}
 

@@ -78,7 +78,6 @@ def test_shipped_configs_load_with_every_value_they_set():
     import os
 
     import yaml
-
     from conftest import ROOT
 
     paths = sorted((ROOT / "configs").glob("*.yaml"))
@@ -151,7 +150,6 @@ def test_chinese_readme_configuration_table_is_current_and_the_readmes_link_each
 
 def test_accelerate_configs_parse_with_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
-
     from conftest import ROOT
 
     paths = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))

@@ -6,14 +6,13 @@ import json
 import random
 
 import pytest
+from conftest import SAMPLE_EN, SAMPLE_ZH
 
 from shifu.dataset import FIELDS, build_examples, eval_chunks, run_dataset
 from shifu.files import read_jsonl, write_jsonl
 from shifu.store import Store
 from shifu.tasks import answer_requests, make_tasks, task_request
 from shifu.teacher import Answer
-
-from conftest import SAMPLE_EN, SAMPLE_ZH
 
 ZH_PARAS = [p for p in SAMPLE_ZH.read_text(encoding="utf-8").split("\n\n") if len(p) > 120]
 EN_TEXT = " ".join(SAMPLE_EN.read_text(encoding="utf-8").split())
@@ -66,7 +65,7 @@ def teacher_answers(tasks: list[dict], cfg, override=None) -> dict[str, dict]:
         if task["parse"] == "json_qa":
             qs = questions(task)
             put(task_request(task, cfg).key, task, "proposal", json.dumps({"questions": qs}, ensure_ascii=False))
-            for k, (q, req) in enumerate(answer_requests(task, qs, cfg)):
+            for k, (_, req) in enumerate(answer_requests(task, qs, cfg)):
                 put(req.key, task, f"answer{k}", good_answer(task, f"answer {k}"))
         else:
             put(task_request(task, cfg).key, task, task["kind"], good_answer(task, task["kind"]))

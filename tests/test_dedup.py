@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import random
 
-from shifu.dedup import Deduper, language, signatures
-
 from conftest import EN, MIXED, TRAD, ZH
 
-
+from shifu.dedup import Deduper, language, signatures
 
 # ---- language -----------------------------------------------------------------------------------
 

@@ -23,8 +23,9 @@ def bf16_student(tmp_path_factory, tiny_student):
 
 
 def test_bf16_student_trains_merges_and_evaluates(make_config, fake_server, bf16_student, monkeypatch):
-    import shifu.train
     from transformers import AutoModelForCausalLM
+
+    import shifu.train
 
     loaded = []
     real_load = shifu.train.load_student

@@ -3,8 +3,8 @@ server, never holds a key, fits the GPU memory given, and never overwrites a fil
 
 import pytest
 import yaml
-
 from conftest import SAMPLE_ZH, run_shifu
+
 from shifu.config import load_config
 from shifu.errors import UserError
 from shifu.init import build_tree, run_init

@@ -9,11 +9,10 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from conftest import SAMPLE_EN, SAMPLE_ZH
 
 from shifu.errors import UserError
 from shifu.read import BLOCK_CHARS, detect_encoding, find_sources, normalise, read_blocks
-
-from conftest import SAMPLE_EN, SAMPLE_ZH
 
 ZH = SAMPLE_ZH.read_text(encoding="utf-8")[:600]
 EN = SAMPLE_EN.read_text(encoding="utf-8")[:600]

@@ -61,9 +61,9 @@ def test_llama_cpp_logprobs_align_exactly_with_the_qwen_student(llama_server, tm
 
 
 def test_real_student_trains_a_few_steps_on_real_teacher_answers(llama_server, tmp_path, make_config):
-    from shifu.pipeline import run_all
-
     from conftest import SAMPLE_ZH
+
+    from shifu.pipeline import run_all
 
     raw = tmp_path / "one_chunk.txt"
     raw.write_text(SAMPLE_ZH.read_text(encoding="utf-8")[:450], encoding="utf-8")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SAMPLE_EN, SAMPLE_ZH
 
 from shifu.errors import UserError
 from shifu.files import read_jsonl
 from shifu.tasks import make_tasks, parse_questions, qa_answer_task, run_tasks, split_for_continuation
-
-from conftest import SAMPLE_EN, SAMPLE_ZH
 
 ZH = SAMPLE_ZH.read_text(encoding="utf-8").split("\n\n")[1][:400]
 EN = " ".join(SAMPLE_EN.read_text(encoding="utf-8").split())[200:650]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, write_config
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from conftest import ROOT, write_config
 from shifu.pipeline import run_all
 from shifu.train import run_train
 

@@ -32,7 +32,6 @@ import re
 import unicodedata
 from typing import Callable, Iterable, Iterator
 
-
 from shifu.config import Config
 from shifu.dedup import Deduper, languages
 from shifu.errors import UserError

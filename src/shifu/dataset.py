@@ -32,8 +32,15 @@ from shifu.files import read_jsonl, write_jsonl
 from shifu.formats import write_formats
 from shifu.records import Chunk, Example, StoredAnswer, Task
 from shifu.store import Store
-from shifu.tasks import (answer_requests, follow_up_answer_request, follow_up_question, follow_up_request,
-                         qa_answer_task, questions_for, task_request)
+from shifu.tasks import (
+    answer_requests,
+    follow_up_answer_request,
+    follow_up_question,
+    follow_up_request,
+    qa_answer_task,
+    questions_for,
+    task_request,
+)
 
 log = logging.getLogger("shifu")
 Lookup = Callable[[str], StoredAnswer | None]  # answer key -> the stored answer, or None

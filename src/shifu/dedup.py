@@ -123,7 +123,7 @@ def languages(texts: list[str]) -> list[str]:
     # Range tests as one unsigned comparison each: below the range wraps round to a large number.
     cjk = _per_text(((codes - 0x3400) < 0xA000 - 0x3400) | ((codes - 0xF900) < 0xFB00 - 0xF900), ends)
     latin = _per_text(((codes | 0x20) - 0x61) < 26, ends)
-    return ["zh" if c >= 0.2 * max(1, c + l) else "en" for c, l in zip(cjk.tolist(), latin.tolist())]
+    return ["zh" if c >= 0.2 * max(1, c + n) else "en" for c, n in zip(cjk.tolist(), latin.tolist())]
 
 
 def _densify(sig: np.ndarray) -> np.ndarray:
@@ -251,8 +251,8 @@ class Deduper:
         earlier = _first_in_batch(keys)  # earlier texts of this batch that share a band
         r, e = _pairs(earlier, earlier < np.arange(n)[:, None])
         similar = (packed[e] == packed[r]).sum(axis=1) >= need
-        for r, e in zip(r[similar].tolist(), e[similar].tolist()):  # by row: near[e] is final first
-            near[r] |= not near[e]
+        for row, dup in zip(r[similar].tolist(), e[similar].tolist()):  # by row: near[dup] is final first
+            near[row] |= not near[dup]
         self.near_dups += int(near.sum())
         self._remember(np.flatnonzero(~near), keys, found, packed)
         return near

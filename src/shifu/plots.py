@@ -45,7 +45,7 @@ def change_chart(changes: dict[str, dict], path: Path) -> bool:
     if not rows:
         return False
     plt, fig, ax = _figure(6, 0.6 * len(rows) + 1.2)
-    for y, (name, c) in enumerate(rows):
+    for y, (_, c) in enumerate(rows):
         scale = 100 / abs(c["before"])
         mid, lo, hi = c["change"] * scale, c["ci"][0] * scale, c["ci"][1] * scale
         color = {"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray")
@@ -66,7 +66,7 @@ def judge_chart(results: dict[str, dict], path: Path) -> bool:
     if not rows:
         return False
     plt, fig, ax = _figure(6, 0.6 * len(rows) + 1.2)
-    for y, (name, r) in enumerate(rows):
+    for y, (_, r) in enumerate(rows):
         left = 0.0
         for key, color in (("win", "tab:green"), ("tie", "tab:gray"), ("loss", "tab:red")):
             share = r[f"{key}_rate"]

@@ -213,7 +213,7 @@ def _cut_point(text: str) -> int:
     if i >= half:
         return i + 2
     m = None
-    for m in _SENTENCE_END.finditer(text, half):
+    for m in _SENTENCE_END.finditer(text, half):  # noqa: B007 (the last match is wanted)
         pass
     if m is not None:
         return m.end()

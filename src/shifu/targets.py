@@ -17,7 +17,7 @@ import logging
 
 import numpy as np
 
-from shifu.align import TargetWriter, Targets, align, student_vocab
+from shifu.align import Targets, TargetWriter, align, student_vocab
 from shifu.config import Config
 from shifu.encode import Encoded
 from shifu.errors import UserError

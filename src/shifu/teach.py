@@ -36,8 +36,14 @@ from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
 from shifu.records import StoredAnswer, Task
 from shifu.store import Store
-from shifu.tasks import (answer_requests, follow_up_answer_request, follow_up_question, follow_up_request,
-                         parse_questions, task_request)
+from shifu.tasks import (
+    answer_requests,
+    follow_up_answer_request,
+    follow_up_question,
+    follow_up_request,
+    parse_questions,
+    task_request,
+)
 from shifu.teacher import Answer, Request, Retryable, is_local, make_client, price_of
 
 log = logging.getLogger("shifu")
