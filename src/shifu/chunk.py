@@ -374,7 +374,7 @@ def run_chunk(cfg: Config, dedup: Deduper | None = None) -> dict:
     blocks = read_blocks(cfg.raw_data_path, cfg.data.encoding, cfg.data.text_field)
     count = chars = 0
     dedup = dedup or Deduper(cfg.data.dedup_threshold)
-    out = cfg.work / "chunks.jsonl"
+    out = cfg.chunks_path
     with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         lines = []  # written a few hundred at a time: one write per line costs more than the JSON
         for rec in chunk_blocks(blocks, cfg, measure, dedup):

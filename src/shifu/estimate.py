@@ -50,10 +50,10 @@ def teacher_estimate(cfg: Config) -> dict:
 
     run_stage("chunk", cfg)
     run_stage("tasks", cfg)
-    tasks = [t for t in read_jsonl(cfg.work / "tasks.jsonl") if t["source"] == "teacher"]
+    tasks = [t for t in read_jsonl(cfg.tasks_path) if t["source"] == "teacher"]
     count, counted_with = _counter(cfg)
     tc, k = cfg.teacher, cfg.tasks.qa_per_chunk
-    store = Store(cfg.work / "teacher.sqlite") if (cfg.work / "teacher.sqlite").exists() else None
+    store = Store(cfg.store_path) if cfg.store_path.exists() else None
     get = store.get if store else (lambda key: None)
     out = tc.max_tokens * tc.expected_output_ratio
     requests = stored = inputs = expected_out = max_out = 0

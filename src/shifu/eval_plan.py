@@ -20,7 +20,7 @@ def eval_sizes(cfg: Config) -> dict:
     (the estimate runs the chunk stage first): what one `shifu eval` will generate and judge."""
     from shifu.files import read_jsonl
 
-    path = cfg.work / "chunks.jsonl"
+    path = cfg.chunks_path
     chunks = list(read_jsonl(path)) if path.exists() else []
     per_chunk = cfg.tasks.qa_per_chunk * cfg.enable_qa + cfg.enable_article
     held_chunks = max(1, round(len(chunks) * cfg.eval.eval_ratio)) if cfg.eval.eval_ratio > 0 and len(chunks) > 1 else 0

@@ -176,14 +176,11 @@ def _read_optional(path: Path) -> list[dict]:
 def _knowledge_set(cfg: Config) -> list[dict]:
     from shifu.store import Store
 
-    if not cfg.eval.knowledge_questions or not (cfg.work / "teacher.sqlite").exists():
+    if not cfg.eval.knowledge_questions or not (cfg.store_path).exists():
         return []
-    tasks, examples = _read_optional(cfg.work / "tasks.jsonl"), _read_optional(cfg.work / "examples.jsonl")
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
+    tasks, examples = _read_optional(cfg.tasks_path), _read_optional(cfg.examples_path)
+    with Store(cfg.store_path) as store:
         return knowledge_questions(tasks, examples, store.get, cfg, cfg.eval.knowledge_questions)
-    finally:
-        store.close()
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -260,7 +257,7 @@ def _score_both(cfg: Config, model, tok, held: list[dict], batch: int, device) -
 
 def _answer_both(cfg: Config, model, tok, held: list[dict], batch: int, device) -> tuple[list[dict], list[dict]]:
     """Base and trained answers to held-out prompts (with the teacher's) and to knowledge questions."""
-    chunks = {c["chunk_id"]: c for c in _read_optional(cfg.work / "chunks.jsonl")}
+    chunks = {c["chunk_id"]: c for c in _read_optional(cfg.chunks_path)}
     answered = spread(held, max(cfg.eval.generate_examples, cfg.eval.num_samples))
     knowledge = _knowledge_set(cfg)
     prompts = [format_prompt(ex["instruction"], ex["input"]) for ex in answered]
@@ -338,7 +335,7 @@ def _general(cfg: Config) -> dict:
 def _write(cfg: Config, report: dict, samples: list[dict], knowledge: list[dict]) -> None:
     from shifu.report_html import render_report
 
-    folder = cfg.work / "eval"
+    folder = cfg.eval_dir
     write_json(folder / "report.json", report)
     write_jsonl(folder / "samples.jsonl", samples)
     write_jsonl(folder / "knowledge.jsonl", knowledge)

@@ -61,7 +61,7 @@ class Pair:
 def judge_store_path(cfg: Config):
     # Not teacher.sqlite: the dataset and train stages fingerprint that store, and verdicts must not
     # make them stale. The same Store class, so verdicts survive a kill and are never bought twice.
-    return cfg.work / "eval" / "judge.sqlite"
+    return cfg.eval_dir / "judge.sqlite"
 
 
 def judge_teacher(cfg: Config) -> TeacherConfig:

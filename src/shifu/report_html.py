@@ -64,7 +64,7 @@ def _changes_table(changes: dict) -> str:
 
 
 def _run(cfg: Config) -> str:
-    summary = read_json(cfg.work / "summary.json", {})
+    summary = read_json(cfg.summary_path, {})
     picks = {"chunk": ["chunks"], "tasks": ["tasks", "teacher_tasks"], "teach": ["done", "failed", "cost"],
              "dataset": ["train_examples", "eval_examples", "rejected"], "train": ["steps", "train_loss", "kd_source"],
              "merge": ["max_logit_diff"]}
@@ -148,7 +148,7 @@ def _general(report: dict) -> str:
 
 
 def _rejected(cfg: Config) -> str:
-    path = cfg.work / "rejected.jsonl"
+    path = cfg.rejected_path
     rows = list(read_jsonl(path)) if path.exists() else []
     if not rows:
         return "<p>no teacher output was rejected</p>"

@@ -37,7 +37,7 @@ def resolve_source(cfg: Config, scoring: bool = False) -> str:
 
 
 def _answer_keys(cfg: Config) -> dict[tuple, str]:
-    path = cfg.work / "examples.jsonl"
+    path = cfg.examples_path
     if not path.exists():
         return {}
     return {(e["instruction"], e["input"], e["output"]): e["key"] for e in read_jsonl(path) if e.get("key")}
@@ -50,8 +50,7 @@ def _build_from_api(cfg: Config, tok, examples: list[dict], enc: Encoded, writer
     keys = _answer_keys(cfg)
     table = token_bytes_table(tok)
     vocab = student_vocab(table, set(tok.all_special_ids))
-    store = Store(cfg.work / "teacher.sqlite")
-    try:
+    with Store(cfg.store_path) as store:
         for i, ex in enumerate(examples):
             key = keys.get((ex["instruction"], ex["input"], ex["output"]))
             blob = store.logprobs(key) if key else None
@@ -62,8 +61,6 @@ def _build_from_api(cfg: Config, tok, examples: list[dict], enc: Encoded, writer
             rows = align(ex["output"].encode(), [table[t] for t in ids], ids, tokens, lp, cand, cand_lp,
                          vocab, writer.width)
             writer.add(i, *rows)
-    finally:
-        store.close()
 
 
 def _build_from_local(cfg: Config, tok, enc: Encoded, writer: TargetWriter) -> None:
