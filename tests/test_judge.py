@@ -117,3 +117,14 @@ def test_a_missing_judge_key_is_one_line_before_any_model_loads(make_config, mon
     with pytest.raises(UserError, match="SHIFU_TEST_JUDGE_KEY.*eval.judge: false"):
         check_judge(cfg)
     check_judge(make_config("http://127.0.0.1:9/v1"))  # a local server needs no key
+
+
+def test_run_summary_states_the_judge_in_words():
+    from shifu.report import judge_lines
+    from shifu.stats import win_rates
+
+    lines = judge_lines({"vs_base": win_rates(["win"] * 9 + ["loss"], seed=0), "vs_teacher": {"pairs": 0},
+                         "knowledge": win_rates(["win", "loss", "unparseable"], seed=0)})
+    assert lines[0].startswith("judge, trained vs base: 9 win / 0 tie / 1 loss; net +0.80") and lines[0].endswith("better")
+    assert lines[1].startswith("judge, closed-book, trained vs base: 1 win / 0 tie / 1 loss, 1 unparseable")
+    assert lines[1].endswith("no measurable change") and len(lines) == 2

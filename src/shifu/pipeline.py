@@ -100,7 +100,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval", "Score the student before and after training on held-out chunks (work_dir/eval).",
           "shifu.evaluate:run_eval", lambda c: [c.output_dir, c.eval_jsonl_path],
           lambda c: [c.eval_dir / "report.json"],
-          lambda c: [c.eval, c.distill, c.train.system_prompt, c.max_length],
+          # the judge is the teacher unless eval.judge_model names another: a new teacher means new verdicts
+          lambda c: [c.eval, c.distill, c.train.system_prompt, c.max_length,
+                     c.teacher.model_dump(include={"base_url", "model"}) if c.eval.judge else None],
           ("train", "dataset"), ("before", "after", "loss_change")),
 )
 BY_NAME = {s.name: s for s in STAGES}
