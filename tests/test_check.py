@@ -185,3 +185,18 @@ def test_the_command_lists_every_failure_then_one_error_line(make_config, tmp_pa
     assert proc.returncode == 2 and len(errors) == 1 and "3 check(s) failed" in errors[0], proc.stderr[-2000:]
     assert [line.split(":")[0] for line in failed] == ["✗ config", "✗ teacher", "✗ student"], failed
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("server_kw,status", [({"reasoning_field": "reasoning_content"}, "ok"),
+                                              ({"reasoning_field": "reasoning", "refuse_logprobs": True}, "ok"),
+                                              ({}, "fail")])
+def test_thinking_mode_is_checked_with_room_to_think(server_kw, status, make_config, fake_server):
+    server = fake_server(**server_kw)
+    results = run_check(make_config(server.url, teacher__top_logprobs=5, teacher__thinking=True))
+    thinking = [r for r in results if r.name == "thinking"]
+    assert len(thinking) == 1 and thinking[0].status == status, results
+    logprobs = [r for r in results if r.name == "logprobs"]
+    if server_kw.get("refuse_logprobs"):
+        assert logprobs[0].status == "warn" and "refuses logprobs" in logprobs[0].detail
+    elif status == "ok":
+        assert logprobs[0].status == "ok", logprobs

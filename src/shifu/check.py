@@ -213,16 +213,22 @@ def _list_models(cfg: Config) -> list[str] | None:
     return [str(m.get("id")) for m in data if isinstance(m, dict)]
 
 
+_THINKING_PROBE_TOKENS = 256
+
+
 async def _probe(cfg: Config):
-    """One request of one token, with logprobs when the config asks for them."""
+    """One request of one token (a few hundred for a thinking teacher), with logprobs when the config
+    asks for them; also whether the server refused logprobs (then the client asks without them)."""
     from shifu.teacher import OpenAIClient, Request
 
     tc = cfg.teacher.model_copy(update={"timeout_s": min(cfg.teacher.timeout_s, _PROBE_TIMEOUT_S),
                                         "max_concurrency": 1})
     req = Request.build(tc, "Reply with one word: ok")
-    req.params["max_tokens"] = 1
+    # a thinking teacher spends its first tokens reasoning: room for a short thought and the word
+    req.params["max_tokens"] = _THINKING_PROBE_TOKENS if tc.thinking else 1
     async with OpenAIClient(tc) as client:
-        return await client.complete(req)
+        ans = await client.complete(req)
+        return ans, client.logprobs_refused
 
 
 def _wants_logprobs(cfg: Config) -> bool:
@@ -237,7 +243,7 @@ def _probe_results(cfg: Config) -> list[Result]:
 
     tc = cfg.teacher
     try:
-        ans = asyncio.run(_probe(cfg))
+        ans, refused = asyncio.run(_probe(cfg))
     except TeacherError as err:
         return [fail("teacher", str(err))]
     except Retryable as err:
@@ -252,8 +258,16 @@ def _probe_results(cfg: Config) -> list[Result]:
     shown = "no price in teacher.prices" if cost is None else f"cost {cost:.6f}"
     results = [ok("teacher", f"{tc.model} answered at {tc.base_url} (one request, "
                   f"{ans.usage.get('prompt_tokens', '?')} + {ans.usage.get('completion_tokens', '?')} tokens, {shown})")]
+    if tc.thinking:
+        results.append(_thinking_result(ans))
     if not _wants_logprobs(cfg):
         return results
+    if refused:
+        return results + [Result("logprobs", "warn", "the teacher refuses logprobs in thinking mode: the run "
+                                 "distils its text alone (no token-level distillation)")]
+    if ans.logprobs is None and tc.thinking and not ans.content:
+        return results + [Result("logprobs", "warn", "the probe's thought took all its tokens, so no answer "
+                                 "token came back to show logprobs; they are checked in the run")]
     if ans.logprobs is None:
         return results + [fail("logprobs", f"the teacher returned no logprobs although teacher.top_logprobs="
                                f"{tc.top_logprobs}", "use a server that returns them (DeepSeek, vLLM, llama.cpp), "
@@ -264,6 +278,14 @@ def _probe_results(cfg: Config) -> list[Result]:
         return results + [Result("logprobs", "warn", f"the teacher returned {got} alternatives per token of the "
                                  f"{tc.top_logprobs} asked for (teacher.top_logprobs)")]
     return results + [ok("logprobs", f"top-{tc.top_logprobs} logprobs returned")]
+
+
+def _thinking_result(ans) -> Result:
+    if ans.reasoning.strip():
+        return ok("thinking", f"thinking mode accepted ({len(ans.reasoning)} characters of reasoning returned)")
+    return fail("thinking", "teacher.thinking is true but the teacher returned no reasoning "
+                "(neither reasoning_content nor reasoning)", "use a thinking model or server (DeepSeek; vLLM with "
+                "a reasoning parser), or set teacher.thinking: false")
 
 
 def check_distill(cfg: Config) -> list[Result]:
