@@ -24,8 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-
 from common import ROOT, machine, write_section
+
 from shifu.serve import llama_cpp_server
 
 CACHE = Path(os.environ.get("SHIFU_CACHE", Path.home() / ".cache" / "shifu"))
