@@ -60,3 +60,14 @@ def test_all_wins_is_better_all_ties_is_no_change():
     assert win_rates(["loss"] * 10)["verdict"] == "worse"
     assert win_rates(["tie"] * 10)["verdict"] == NO_CHANGE
     assert win_rates(["unparseable"] * 3)["verdict"] == "no parseable verdicts"
+
+
+def test_change_chart_draws_a_one_point_interval_off_its_estimate_by_rounding(tmp_path):
+    from shifu.plots import change_chart
+
+    # the demo's top-1 agreement: one example, so the interval is one point a rounding error from the estimate
+    changes = {"top1_agreement": {"before": 0.8276, "after": 0.8966, "change": 0.06896551724137934,
+                                  "ci": [0.06896551724137945, 0.06896551724137945], "verdict": "better"},
+               "loss": {"before": 4.48, "after": 3.95, "change": -0.53, "ci": [-0.69, -0.002], "verdict": "better"}}
+    assert change_chart(changes, tmp_path / "changes.png")
+    assert (tmp_path / "changes.png").stat().st_size > 1000

@@ -49,7 +49,8 @@ def change_chart(changes: dict[str, dict], path: Path) -> bool:
         scale = 100 / abs(c["before"])
         mid, lo, hi = c["change"] * scale, c["ci"][0] * scale, c["ci"][1] * scale
         color = {"better": "tab:green", "worse": "tab:red"}.get(c["verdict"], "tab:gray")
-        ax.errorbar(mid, y, xerr=[[mid - lo], [hi - mid]], fmt="o", color=color, capsize=4)
+        # a one-point interval can sit a rounding error off its estimate; matplotlib refuses negative bars
+        ax.errorbar(mid, y, xerr=[[max(mid - lo, 0.0)], [max(hi - mid, 0.0)]], fmt="o", color=color, capsize=4)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     ax.set_xlabel("change, % of before (95% bootstrap interval)")
