@@ -91,7 +91,10 @@ def load_speakers(t: Target, compare: bool) -> list[Speaker]:
     from shifu.models import load_causal_lm, load_tokenizer
 
     where = placement(t.precision)
-    load = lambda name: load_causal_lm(name, t.trust_remote_code, where.dtype).to(where.device).eval()
+
+    def load(name):
+        return load_causal_lm(name, t.trust_remote_code, where.dtype).to(where.device).eval()
+
     tok = load_tokenizer(t.adapter or t.trained, t.trust_remote_code, padding_side="left")
     if t.adapter:
         from peft import PeftModel

@@ -34,10 +34,10 @@ def _guarded(fn: Callable[[], None]) -> None:
     except UserError as err:
         for line in str(err).splitlines():  # several config errors: one line each
             console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-        raise typer.Exit(err.exit_code)
+        raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: rerun the same command to resume where it stopped")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 def _stage_command(name: str, help_text: str) -> None:

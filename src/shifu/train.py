@@ -31,11 +31,11 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from shifu.config import Config, DistillConfig, dump_config
 from shifu.device import placement
 from shifu.encode import Encoded, encode_examples
-from shifu.reasoning import attach_extras
 from shifu.errors import UserError
 from shifu.files import atomic_dir, build_lock, hash_obj, read_json, read_jsonl, write_json
 from shifu.losses import chunked_loss_sums, loss_sums
 from shifu.models import load_causal_lm, load_tokenizer
+from shifu.reasoning import attach_extras
 from shifu.targets import build_targets
 
 log = logging.getLogger("shifu")
