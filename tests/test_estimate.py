@@ -121,7 +121,11 @@ def test_a_hanging_network_counts_as_no_hub_within_a_second(monkeypatch):
     from shifu.models import hub_reachable
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(5))
+    def hang(*args, **kwargs):  # a DNS lookup that never answers, then fails as a real one would
+        time.sleep(5)
+        raise OSError("no network")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     hub_reachable.cache_clear()
     t0 = time.time()
     assert hub_reachable() is False and time.time() - t0 < 1.5
