@@ -20,7 +20,6 @@ import asyncio
 import os
 import re
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from shifu.config import Config
 from shifu.errors import UserError
+from shifu.files import nearest_existing, unwritable
 
 MAX_SNIFFED_FILES = 1000  # encodings detected for this many input files; the rest are only sized
 _PROBE_TIMEOUT_S = 30.0
@@ -385,29 +385,9 @@ def _outputs(cfg: Config) -> dict[str, Path]:
             "jsonl_output_path": Path(cfg.jsonl_output_path).parent}
 
 
-def _existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    return p
-
-
-def _unwritable(path: Path) -> str | None:
-    """Why a file cannot be created in path (or in the nearest folder above it that exists), else None."""
-    p = _existing(path)
-    if not p.is_dir():
-        return f"{p} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=p):
-            pass
-    except OSError as err:
-        return f"{p} is not writable ({err.strerror})"
-    return None
-
-
 def check_folders(cfg: Config) -> list[Result]:
     bad = [fail("folders", f"{field} {str(p)!r}: {why}", f"set {field} to a folder you can write")
-           for field, p in _outputs(cfg).items() if (why := _unwritable(p))]
+           for field, p in _outputs(cfg).items() if (why := unwritable(p))]
     return bad or [ok("folders", "every output folder can be written (" + ", ".join(_outputs(cfg)) + ")")]
 
 
@@ -436,7 +416,7 @@ def disk_needs(cfg: Config, input_bytes: int, student_bytes: int, lora_params: f
 def check_disk(cfg: Config, needs: dict[str, int]) -> list[Result]:
     by_fs: dict[int, tuple[Path, dict[str, int]]] = {}
     for field, path in _outputs(cfg).items():
-        p = _existing(path)
+        p = nearest_existing(path)
         if not p.is_dir():
             continue  # check_folders reports it
         by_fs.setdefault(p.stat().st_dev, (p, {}))[1][field] = needs.get(field, 0)

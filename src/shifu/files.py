@@ -93,6 +93,27 @@ def build_lock(target: str | Path) -> Iterator[None]:
         os.close(fd)  # releases the lock; the file stays, as removing it would race a waiter
 
 
+def nearest_existing(path: str | Path) -> Path:
+    """The path itself, or the nearest folder above it that exists (where it would be created)."""
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def unwritable(path: str | Path) -> str | None:
+    """Why a file cannot be created in path (or in the nearest folder above it that exists), else None."""
+    p = nearest_existing(path)
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as err:
+        return f"{p} is not writable ({err.strerror})"
+    return None
+
+
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

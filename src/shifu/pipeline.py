@@ -18,7 +18,6 @@ import contextlib
 import importlib
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Callable
 
 from shifu.config import Config, dump_config
 from shifu.errors import UserError
-from shifu.files import Manifest, write_json, write_text
+from shifu.files import Manifest, unwritable, write_json, write_text
 
 log = logging.getLogger("shifu")
 
@@ -131,15 +130,10 @@ def _require(st: Stage, cfg: Config) -> None:
 
 def _writable(folder: Path, what: str) -> None:
     """Fail before any work on a folder that cannot be written, naming it, instead of after an hour."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        with tempfile.TemporaryFile(dir=probe if probe.is_dir() else probe.parent):
-            pass
-    except OSError as err:
-        raise UserError(f"{what} {folder}: cannot write there ({err.strerror}); make it writable "
-                        f"or point {what} at another folder") from None
+    why = unwritable(folder)
+    if why:
+        raise UserError(f"{what} {folder}: cannot write there, {why}; make it writable "
+                        f"or point {what} at another folder")
 
 
 def check_writable(cfg: Config) -> None:
