@@ -1,8 +1,10 @@
 """Does distillation beat fine-tuning alone? Side by side, in one run, on a recorded real teacher.
 
-    .venv/bin/python bench/quality.py                                   # both students, 4 variants each
+    .venv/bin/python bench/quality.py --variants-for qwen0.5b=sft,kd    # the run in docs/BENCHMARKS.md
+    .venv/bin/python bench/quality.py                                   # reverse KL for Qwen too (+20 min)
     .venv/bin/python bench/quality.py --students smollm2-135m --steps 4 # a quick look
-    .venv/bin/python bench/quality.py --render-only                     # rewrite the section from results.json
+    .venv/bin/python bench/quality.py --render-only                     # rewrite the section from runs/
+    .venv/bin/python bench/quality.py --reuse --variants sft,kd,kd-0.9  # add a variant, keep trained ones
 
 Data: bench/data/teacher-{zh,en}.jsonl.gz, written once by scripts/record_teacher.py (Qwen2.5-Coder-
 1.5B-Instruct through llama.cpp, top-20 logprobs on every answer token); no teacher runs here. shifu's
@@ -12,7 +14,10 @@ Students, each from the same examples, order, steps, learning rate and seed:
   English together, figures per language;
 - SmolLM2-135M-Instruct: another tokenizer (the teacher's top-k aligned to it), English only.
 Variants: base (no training); fine-tuning alone (kd_ratio 0); fine-tuning + distillation (kd_ratio
-0.5, forward KL); the same with reverse KL. --variants adds or replaces them.
+0.5, forward KL); the same with reverse KL; more in VARIANTS (kd_ratio 0.9, T = 2, learning rate 5e-5).
+On 2 cores a Qwen 0.5B step (batch 4, about 350 tokens an example) takes about 36 s and scoring one
+held-out example about 3 s, most of it the passage in the prompt, so each Qwen variant costs about
+11 minutes trained and scored; SmolLM2-135M about a fifth of that.
 Metrics, on held-out chunks' teacher answers, teacher-forced: KL(teacher || student) over the
 teacher's top-20 plus a tail bucket, the student's NLL of the teacher's answer, top-1 agreement with
 the teacher; each a token average with a bootstrap 95% interval that resamples held-out examples, and
@@ -166,7 +171,14 @@ def variant_config(tree: dict, name: str, settings: dict, copy: bool = True):
     if copy:
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(tree["work_dir"], work, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    new = {**tree, "work_dir": str(work), "output_dir": str(Path(tree["output_dir"]).with_name(f"adapter-{name}"))}
+    # Training data alone, no held-out file beside it: the figures come from measure(), and the
+    # trainer's own evaluation of every variant would cost minutes each on 2 cores.
+    data = work / "train-only" / "distill.jsonl"
+    if copy:
+        data.parent.mkdir(parents=True)
+        shutil.copy(tree["jsonl_output_path"], data)
+    new = {**tree, "work_dir": str(work), "output_dir": str(Path(tree["output_dir"]).with_name(f"adapter-{name}")),
+           "jsonl_output_path": str(data)}
     settings = dict(settings)
     new["learning_rate"] = settings.pop("learning_rate", tree["learning_rate"])
     new["distill"] = {**tree["distill"], **settings}
@@ -182,7 +194,7 @@ def train_variant(tree: dict, name: str, reuse: bool) -> tuple[int, float | None
     cfg = variant_config(tree, name, VARIANTS[name], copy=False)
     stamp = Path(cfg.output_dir) / "bench-settings.json"
     key = json.dumps([tree["learning_rate"], tree["batch_size"], tree["train"], VARIANTS[name],
-                      list(read_jsonl(cfg.jsonl_output_path))], sort_keys=True, ensure_ascii=False)
+                      list(read_jsonl(tree["jsonl_output_path"]))], sort_keys=True, ensure_ascii=False)
     if reuse and stamp.exists() and json.loads(stamp.read_text())["key"] == key:
         old = json.loads(stamp.read_text())
         return old["seconds"], old["coverage"]
@@ -238,7 +250,8 @@ def spread(held: list[dict], n: int) -> list[int]:
     return [e["_i"] for e in chosen]
 
 
-def measure(cfg, names: list[str], langs: tuple[str, ...], n_generate: int, new_tokens: int, max_held: int) -> dict:
+def measure(cfg, held_path: Path, names: list[str], langs: tuple[str, ...], n_generate: int, new_tokens: int,
+            max_held: int) -> dict:
     """Base and every trained adapter scored on the same held-out examples, per language."""
     import torch
     from peft import PeftModel
@@ -251,7 +264,7 @@ def measure(cfg, names: list[str], langs: tuple[str, ...], n_generate: int, new_
     from shifu.targets import build_targets
 
     lang_of = {c["chunk_id"]: c["lang"] for c in read_jsonl(cfg.chunks_path)}
-    held_all = list(read_jsonl(cfg.eval_jsonl_path))
+    held_all = list(read_jsonl(held_path))
     tok = load_tokenizer(cfg.model_name)
     base = load_causal_lm(cfg.model_name, dtype=torch.float32).eval()
     out: dict = {}
@@ -283,19 +296,21 @@ def run_student(student: str, a) -> dict:
                           for g, d in data.items()},
               "recording": {g: {k: d["recording"][k] for k in ("teacher_sha256", "answers", "command", "recorded_at")}
                             for g, d in data.items()}, "train_s": {}, "kd_coverage": {}}
-    for name in a.variants:
+    names = a.variants_for.get(student, a.variants)
+    for name in names:
         result["train_s"][name], result["kd_coverage"][name] = train_variant(tree, name, a.reuse)
         print(f"{student} {name}: trained in {result['train_s'][name]} s", flush=True)
-    cfg = variant_config(tree, a.variants[-1], VARIANTS[a.variants[-1]], copy=False)
+    cfg = variant_config(tree, names[-1], VARIANTS[names[-1]], copy=False)
     t0 = time.time()
-    measured = measure(cfg, a.variants, langs, a.generate, a.new_tokens, a.max_held)
+    held_path = Path(tree["jsonl_output_path"]).with_name("distill.eval.jsonl")
+    measured = measure(cfg, held_path, names, langs, a.generate, a.new_tokens, a.max_held)
     result["measure_s"], result["new_tokens"] = round(time.time() - t0), a.new_tokens
     for m in measured.values():
         rows, rouge = m.pop("rows"), m.pop("rouge")
         m["models"] = {n: figures(rows[n], rouge[n]) for n in rows}
-        m["vs_base"] = {n: against(rows["base"], rows[n], rouge["base"], rouge[n]) for n in a.variants}
+        m["vs_base"] = {n: against(rows["base"], rows[n], rouge["base"], rouge[n]) for n in names}
         if "sft" in rows:
-            m["vs_sft"] = {n: against(rows["sft"], rows[n], rouge["sft"], rouge[n]) for n in a.variants if n != "sft"}
+            m["vs_sft"] = {n: against(rows["sft"], rows[n], rouge["sft"], rouge[n]) for n in names if n != "sft"}
     result["langs"] = measured
     return result
 
@@ -385,10 +400,12 @@ def main() -> None:
     p.add_argument("--students", default="qwen0.5b,smollm2-135m")
     p.add_argument("--langs", default="zh,en")
     p.add_argument("--variants", default="sft,kd,kd-reverse", help=f"from {', '.join(VARIANTS)}")
+    p.add_argument("--variants-for", action="append", default=[], metavar="STUDENT=LIST",
+                   help="other variants for one student, e.g. qwen0.5b=sft,kd (repeatable)")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-held", type=int, default=64, help="held-out examples scored per language, at most")
+    p.add_argument("--max-held", type=int, default=44, help="held-out examples scored per language, at most")
     p.add_argument("--generate", type=int, default=4, help="held-out prompts answered per language for ROUGE-L")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--reuse", action="store_true", help="keep adapters an earlier run trained from the same settings")
@@ -396,6 +413,7 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true")
     a = p.parse_args()
     a.variants = a.variants.split(",")
+    a.variants_for = {k: v.split(",") for k, v in (x.split("=", 1) for x in a.variants_for)}
     a.langs = tuple(a.langs.split(","))
     setup_logging()
     command = " ".join([".venv/bin/python bench/quality.py",

@@ -23,12 +23,13 @@ from __future__ import annotations
 import argparse
 import base64
 import gzip
-import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from fetch_models import sha256  # the same check `make demo-models` makes of every file it fetches
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("SHIFU_CACHE", Path.home() / ".cache" / "shifu"))
@@ -61,14 +62,6 @@ def config_tree(lang: str, base_url: str) -> dict:
         "teacher": {"base_url": base_url, "model": ALIAS, "extra_body": {}, "max_concurrency": 1,
                     "temperature": 0.3, "max_tokens": 112, "top_logprobs": 20, "timeout_s": 900},
     }
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def prompts_by_key(cfg, tasks: list[dict], get) -> dict[str, list[dict]]:
