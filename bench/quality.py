@@ -262,6 +262,7 @@ def measure(cfg, held_path: Path, names: list[str], langs: tuple[str, ...], n_ge
     from shifu.models import load_causal_lm, load_tokenizer
     from shifu.overlap import rouge_l
     from shifu.targets import build_targets
+    from shifu.tasks import format_prompt
 
     lang_of = {c["chunk_id"]: c["lang"] for c in read_jsonl(cfg.chunks_path)}
     held_all = list(read_jsonl(held_path))
@@ -273,8 +274,7 @@ def measure(cfg, held_path: Path, names: list[str], langs: tuple[str, ...], n_ge
         enc = encode_examples(tok, held, cfg.max_length, None, cfg.work / "cache")
         targets, info = build_targets(cfg, tok, held, enc, scoring=True)
         gen_idx = spread(held, n_generate)
-        prompts = [(e["instruction"] + "\n\n" + e["input"]) if e["input"] else e["instruction"]
-                   for e in (held[i] for i in gen_idx)]
+        prompts = [format_prompt(held[i]["instruction"], held[i]["input"]) for i in gen_idx]
         refs = [held[i]["output"] for i in gen_idx]
         out[lang] = {"examples": len(held), "chunks": len({e["chunk_id"] for e in held}), "generated": len(prompts),
                      "kd_coverage": info.get("kd_coverage"), "rows": {}, "rouge": {}}
