@@ -9,7 +9,7 @@ llama.cpp) over aiohttp, one attempt per call; it raises `Retryable` for what a 
 it cannot (400, 401, 402, 403, 404, 422; 405, 501 or a 2xx that is not a chat completion: a wrong
 base_url), with a line that says what to do.
 `LocalClient` generates in-process with a Hugging Face model, batching concurrent calls.
-Retries, rate limits, budgets and storage live in `shifu.teach`; this module only talks.
+Retries and storage live in `shifu.teach`, rate limits and budgets in `shifu.limits`; this module only talks.
 Top-k logprobs are packed compactly (`pack_logprobs`): token bytes and float32 values, zlib'd.
 """
 
