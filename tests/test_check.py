@@ -171,7 +171,7 @@ def test_gpu_memory_against_the_estimate(need, free, status, make_config, monkey
 
 
 def test_api_distillation_without_logprobs_is_a_failure(make_config):
-    from shifu.check import check_distill
+    from shifu.probe import check_distill
 
     assert [r.status for r in check_distill(make_config(distill__source="api"))] == ["fail"]
     assert check_distill(make_config(distill__source="api", teacher__top_logprobs=5)) == []
