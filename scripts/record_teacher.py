@@ -13,7 +13,7 @@ questions, so the recording is resumable and no request is paid twice.
 Writes bench/data/teacher-<lang>.jsonl.gz: a first line of metadata (teacher file and its sha256,
 server settings, the teacher and task config, the command), then every chunk, every task, and every
 stored answer with its prompt (the chat messages), its text, finish reason, usage and its top-20
-logprobs (shifu.teacher.pack_logprobs, base64). bench/quality.py rebuilds a work_dir from it.
+logprobs (shifu.logprobs.pack_logprobs, base64). bench/quality.py rebuilds a work_dir from it.
 Measured here (2 cores): Chinese 291 requests in 65 min, English 273 in 44 min; prompt evaluation at
 about 25-35 tokens/s is most of a request's time. 1.3 MB and 1.1 MB compressed.
 """

@@ -15,9 +15,10 @@ import pytest
 
 from shifu.config import Price
 from shifu.files import read_jsonl
+from shifu.limits import price_of
 from shifu.pipeline import run_stage
 from shifu.store import Store
-from shifu.teacher import Answer, Request, answer_flags, make_client, price_of
+from shifu.teacher import Answer, Request, answer_flags, make_client
 
 PRICES = {"fake-teacher": {"input_cache_hit": 1.0, "input_cache_miss": 2.0, "output": 4.0}}
 

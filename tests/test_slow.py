@@ -35,8 +35,9 @@ def test_llama_cpp_logprobs_align_exactly_with_the_qwen_student(llama_server, tm
 
     from shifu.align import align, student_vocab
     from shifu.config import TeacherConfig
+    from shifu.logprobs import unpack_logprobs
     from shifu.models import load_tokenizer, token_bytes_table
-    from shifu.teacher import OpenAIClient, Request, unpack_logprobs
+    from shifu.teacher import OpenAIClient, Request
 
     tc = TeacherConfig(base_url=llama_server, model="teacher", extra_body={}, top_logprobs=5, max_tokens=48,
                        temperature=0)

@@ -25,11 +25,12 @@ import yaml
 from shifu.errors import TeacherError, UserError
 from shifu.fake_openai import FAULTS, FakeBackend, FakeServer
 from shifu.files import read_jsonl
+from shifu.logprobs import unpack_logprobs
 from shifu.pipeline import run_stage
 from shifu.store import Store
 from shifu.tasks import answer_requests, questions_for, task_request
 from shifu.teach import Runner
-from shifu.teacher import make_client, unpack_logprobs
+from shifu.teacher import make_client
 
 ROOT = Path(__file__).resolve().parents[1]
 RETRYABLE = ["429", "500", "502", "503", "504", "timeout", "reset", "truncated", "invalid", "blank_json", "empty"]

@@ -18,16 +18,15 @@ import pytest
 from shifu.config import Price, TeacherConfig
 from shifu.errors import TeacherError, UserError
 from shifu.fake_openai import FAULTS, FakeBackend
+from shifu.limits import price_of
+from shifu.logprobs import pack_logprobs, unpack_logprobs
 from shifu.teacher import (
     OpenAIClient,
     Request,
     Retryable,
     _retry_after,
     answer_flags,
-    pack_logprobs,
     parse_body,
-    price_of,
-    unpack_logprobs,
 )
 
 PROMPT = "请根据下面的文本回答问题。\n\n天是蓝色的，因为空气散射阳光中的蓝光。"

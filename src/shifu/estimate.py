@@ -23,9 +23,10 @@ from rich.table import Table
 
 from shifu.config import Config
 from shifu.files import read_jsonl
+from shifu.limits import price_of
 from shifu.progress import console
 from shifu.tasks import format_prompt
-from shifu.teacher import estimate_tokens, price_of
+from shifu.teacher import estimate_tokens
 
 GiB = 1024 ** 3
 QUESTION_TOKENS = 40  # a proposed question, as observed with DeepSeek and Qwen teachers

@@ -174,7 +174,7 @@ def identical(pair: Pair) -> bool:
 
 def judge_estimate(cfg: Config) -> dict:
     """Requests, tokens and the most they can cost, for the judge of one `shifu eval`."""
-    from shifu.teacher import price_of
+    from shifu.limits import price_of
 
     if not cfg.eval.judge:
         return {"judge_requests": 0}

@@ -1,4 +1,4 @@
-"""The teacher's limits: requests and tokens per minute, and `max_cost`.
+"""The teacher's limits: requests and tokens per minute, and `max_cost` (what an answer costs: `price_of`).
 
     limiter = RateLimiter(rpm=600, tpm=None); await limiter.acquire(est_tokens)
     if await budget.reserve(req, stopping): ...   # then send; `await budget.release(req)` when done
@@ -12,7 +12,33 @@ import asyncio
 import time
 
 from shifu.config import Price
-from shifu.teacher import Request, price_of
+from shifu.teacher import Request
+
+
+def is_peak(when: float) -> bool:
+    """DeepSeek's peak hours: Beijing 9-12 and 14-18 (01-04, 06-10 UTC), Monday to Friday."""
+    beijing = time.gmtime(when + 8 * 3600)
+    return beijing.tm_wday < 5 and (9 <= beijing.tm_hour < 12 or 14 <= beijing.tm_hour < 18)
+
+
+def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float | None = None) -> float | None:
+    """Cost of one answer from its usage; DeepSeek reports cache hits and misses separately."""
+    if price is None:
+        return None
+    peak = peak_pricing and is_peak(when if when is not None else time.time())
+    pick = lambda off, on: on if (peak and on is not None) else off  # noqa: E731
+    prompt = usage.get("prompt_tokens", 0) or 0
+    hit = usage.get("prompt_cache_hit_tokens", 0) or 0
+    miss = usage.get("prompt_cache_miss_tokens", prompt - hit) or 0
+    # completion_tokens already holds the reasoning tokens (OpenAI's and DeepSeek's usage); a server
+    # that reports more reasoning than completion counts them apart, and both are billed as output.
+    out = usage.get("completion_tokens", 0) or 0
+    reasoning = usage.get("reasoning_tokens", 0) or 0
+    if reasoning > out:
+        out += reasoning
+    return (hit * pick(price.input_cache_hit, price.peak_input_cache_hit)
+            + miss * pick(price.input_cache_miss, price.peak_input_cache_miss)
+            + out * pick(price.output, price.peak_output)) / 1e6
 
 
 class RateLimiter:

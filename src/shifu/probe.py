@@ -94,7 +94,9 @@ def _wants_logprobs(cfg: Config) -> bool:
 
 def _probe_results(cfg: Config) -> list[Result]:
     from shifu.errors import TeacherError
-    from shifu.teacher import Retryable, price_of, unpack_logprobs
+    from shifu.limits import price_of
+    from shifu.logprobs import unpack_logprobs
+    from shifu.teacher import Retryable
 
     tc = cfg.teacher
     try:

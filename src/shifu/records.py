@@ -39,7 +39,7 @@ class StoredAnswer(TypedDict):
     flags: list[str]  # truncated, empty, refusal
     usage: dict
     cost: float | None
-    logprobs: bytes | None  # shifu.teacher.pack_logprobs
+    logprobs: bytes | None  # shifu.logprobs.pack_logprobs
     reasoning: NotRequired[str]  # a thinking teacher's reasoning; "" when none
 
 

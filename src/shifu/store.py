@@ -31,7 +31,7 @@ CREATE TABLE IF NOT EXISTS answers (
     flags TEXT,                      -- JSON list: truncated, empty, refusal
     usage TEXT,                      -- JSON object as the server reported it
     cost REAL,
-    logprobs BLOB,                   -- shifu.teacher.pack_logprobs
+    logprobs BLOB,                   -- shifu.logprobs.pack_logprobs
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     updated_at REAL NOT NULL,

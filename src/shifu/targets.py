@@ -44,8 +44,8 @@ def _answer_keys(cfg: Config) -> dict[tuple, str]:
 
 
 def _build_from_api(cfg: Config, tok, examples: list[dict], enc: Encoded, writer: TargetWriter) -> None:
+    from shifu.logprobs import unpack_logprobs
     from shifu.store import Store
-    from shifu.teacher import unpack_logprobs
 
     keys = _answer_keys(cfg)
     table = token_bytes_table(tok)

@@ -35,7 +35,7 @@ from typing import Callable
 from shifu.config import Config
 from shifu.errors import TeacherError, UserError
 from shifu.files import read_jsonl
-from shifu.limits import Budget, RateLimiter
+from shifu.limits import Budget, RateLimiter, price_of
 from shifu.records import StoredAnswer, Task
 from shifu.store import Store
 from shifu.tasks import (
@@ -46,7 +46,7 @@ from shifu.tasks import (
     parse_questions,
     task_request,
 )
-from shifu.teacher import Answer, Request, Retryable, is_local, make_client, price_of
+from shifu.teacher import Answer, Request, Retryable, is_local, make_client
 
 log = logging.getLogger("shifu")
 

@@ -9,8 +9,8 @@ llama.cpp) over aiohttp, one attempt per call; it raises `Retryable` for what a 
 it cannot (400, 401, 402, 403, 404, 422; 405, 501 or a 2xx that is not a chat completion: a wrong
 base_url), with a line that says what to do.
 `LocalClient` generates in-process with a Hugging Face model, batching concurrent calls.
-Retries and storage live in `shifu.teach`, rate limits and budgets in `shifu.limits`; this module only talks.
-Top-k logprobs are packed compactly (`pack_logprobs`): token bytes and float32 values, zlib'd.
+Retries and storage live in `shifu.teach`, rate limits, budgets and prices in `shifu.limits`; this module
+only talks. Top-k logprobs are packed compactly by `shifu.logprobs`.
 """
 
 from __future__ import annotations
@@ -21,18 +21,15 @@ import json
 import logging
 import os
 import re
-import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-
-from shifu.config import Price, TeacherConfig
+from shifu.config import TeacherConfig
 from shifu.errors import TeacherError, UserError
+from shifu.logprobs import pack_logprobs
 
 log = logging.getLogger("shifu")
 
@@ -103,54 +100,6 @@ def estimate_tokens(text: str) -> int:
     return cjk + (len(text) - cjk) // 4 + 4
 
 
-# ---- logprobs -----------------------------------------------------------------------------------
-
-_MAGIC = b"SLP1"
-
-
-def _tok_bytes(entry: dict) -> bytes:
-    raw = entry.get("bytes")
-    return bytes(raw) if raw is not None else str(entry.get("token", "")).encode("utf-8")
-
-
-def pack_logprobs(content: list[dict], k: int) -> bytes:
-    """Per answer token: the chosen token and its top-k alternatives, as bytes + float32 logprobs."""
-    n = len(content)
-    lps = np.full((n, k + 1), -np.inf, dtype=np.float32)
-    lens = np.zeros((n, k + 1), dtype=np.uint16)
-    data = bytearray()
-    for i, entry in enumerate(content):
-        slots = [entry] + list(entry.get("top_logprobs") or [])[:k]
-        for j, slot in enumerate(slots):
-            b = _tok_bytes(slot)
-            lens[i, j] = len(b)
-            lps[i, j] = float(slot.get("logprob", -np.inf))
-            data += b
-    header = struct.pack("<4sII", _MAGIC, n, k)
-    return zlib.compress(header + lens.tobytes() + lps.tobytes() + bytes(data), 6)
-
-
-def unpack_logprobs(blob: bytes) -> tuple[list[bytes], np.ndarray, list[list[bytes]], np.ndarray]:
-    """-> (chosen token bytes, chosen logprobs (n,), candidate bytes per position, candidate logprobs (n, k))."""
-    raw = zlib.decompress(blob)
-    magic, n, k = struct.unpack_from("<4sII", raw)
-    if magic != _MAGIC:
-        raise ValueError("not a shifu logprobs blob (pack_logprobs writes them)")
-    off = 12
-    lens = np.frombuffer(raw, np.uint16, n * (k + 1), off).reshape(n, k + 1)
-    off += lens.nbytes
-    lps = np.frombuffer(raw, np.float32, n * (k + 1), off).reshape(n, k + 1)
-    off += lps.nbytes
-    toks: list[list[bytes]] = []
-    for row in lens:
-        cells = []
-        for length in row:
-            cells.append(raw[off:off + int(length)])
-            off += int(length)
-        toks.append(cells)
-    return [t[0] for t in toks], lps[:, 0].copy(), [t[1:] for t in toks], lps[:, 1:].copy()
-
-
 # ---- answer checks ------------------------------------------------------------------------------
 
 _REFUSAL = re.compile(r"^\s*(抱歉|对不起|很抱歉)[，,].{0,12}(无法|不能|不便)|作为一个?(AI|人工智能|语言模型)|"
@@ -175,32 +124,6 @@ def answer_flags(content: str, finish_reason: str, refusal: Any = None, reasonin
     elif refusal or _REFUSAL.search(content[:200]):
         flags.append("refusal")
     return flags
-
-
-def is_peak(when: float) -> bool:
-    """DeepSeek's peak hours: Beijing 9-12 and 14-18 (01-04, 06-10 UTC), Monday to Friday."""
-    beijing = time.gmtime(when + 8 * 3600)
-    return beijing.tm_wday < 5 and (9 <= beijing.tm_hour < 12 or 14 <= beijing.tm_hour < 18)
-
-
-def price_of(usage: dict, price: Price | None, peak_pricing: bool, when: float | None = None) -> float | None:
-    """Cost of one answer from its usage; DeepSeek reports cache hits and misses separately."""
-    if price is None:
-        return None
-    peak = peak_pricing and is_peak(when if when is not None else time.time())
-    pick = lambda off, on: on if (peak and on is not None) else off  # noqa: E731
-    prompt = usage.get("prompt_tokens", 0) or 0
-    hit = usage.get("prompt_cache_hit_tokens", 0) or 0
-    miss = usage.get("prompt_cache_miss_tokens", prompt - hit) or 0
-    # completion_tokens already holds the reasoning tokens (OpenAI's and DeepSeek's usage); a server
-    # that reports more reasoning than completion counts them apart, and both are billed as output.
-    out = usage.get("completion_tokens", 0) or 0
-    reasoning = usage.get("reasoning_tokens", 0) or 0
-    if reasoning > out:
-        out += reasoning
-    return (hit * pick(price.input_cache_hit, price.peak_input_cache_hit)
-            + miss * pick(price.input_cache_miss, price.peak_input_cache_miss)
-            + out * pick(price.output, price.peak_output)) / 1e6
 
 
 # ---- OpenAI-compatible HTTP ---------------------------------------------------------------------
