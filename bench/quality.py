@@ -1,10 +1,12 @@
 """Does distillation beat fine-tuning alone? Side by side, in one run, on a recorded real teacher.
 
-    .venv/bin/python bench/quality.py --variants-for qwen0.5b=sft,kd    # the run in docs/BENCHMARKS.md
-    .venv/bin/python bench/quality.py                                   # reverse KL for Qwen too (+20 min)
+    .venv/bin/python bench/quality.py                                   # the first run in docs/BENCHMARKS.md
+    .venv/bin/python bench/quality.py --reuse --tag quality_sweep \
+        --students smollm2-135m,qwen0.5b --variants sft,kd,kd-0.9,kd-t2,sft-lr5e-5,kd-lr5e-5,sft-48steps,kd-48steps \
+        --variants-for qwen0.5b=sft,kd,kd-0.9,kd-t2,sft-lr5e-5,kd-lr5e-5   # the sweep
     .venv/bin/python bench/quality.py --students smollm2-135m --steps 4 # a quick look
     .venv/bin/python bench/quality.py --render-only                     # rewrite the section from runs/
-    .venv/bin/python bench/quality.py --reuse --variants sft,kd,kd-0.9  # add a variant, keep trained ones
+With --reuse, adapters trained from the same settings and data are kept, and so are their scores.
 
 Data: bench/data/teacher-{zh,en}.jsonl.gz, written once by scripts/record_teacher.py (Qwen2.5-Coder-
 1.5B-Instruct through llama.cpp, top-20 logprobs on every answer token); no teacher runs here. shifu's
@@ -14,10 +16,12 @@ Students, each from the same examples, order, steps, learning rate and seed:
   English together, figures per language;
 - SmolLM2-135M-Instruct: another tokenizer (the teacher's top-k aligned to it), English only.
 Variants: base (no training); fine-tuning alone (kd_ratio 0); fine-tuning + distillation (kd_ratio
-0.5, forward KL); the same with reverse KL; more in VARIANTS (kd_ratio 0.9, T = 2, learning rate 5e-5).
+0.5, forward KL); the same with reverse KL; more in VARIANTS (kd_ratio 0.9, T = 2, learning rate 5e-5,
+48 steps), each compared with fine-tuning alone at its own learning rate and steps.
 On 2 cores a Qwen 0.5B step (batch 4, about 350 tokens an example) takes about 36 s and scoring one
 held-out example about 3 s, most of it the passage in the prompt, so each Qwen variant costs about
-11 minutes trained and scored; SmolLM2-135M about a fifth of that.
+11 minutes trained and scored; SmolLM2-135M about a fifth of that. The first run: about 37 minutes from
+nothing; the sweep: 72 minutes on top of it.
 Metrics, on held-out chunks' teacher answers, teacher-forced: KL(teacher || student) over the
 teacher's top-20 plus a tail bucket, the student's NLL of the teacher's answer, top-1 agreement with
 the teacher; each a token average with a bootstrap 95% interval that resamples held-out examples, and
@@ -32,6 +36,7 @@ import argparse
 import base64
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -49,11 +54,12 @@ RUNS = ROOT / "runs" / "bench-quality"
 STUDENTS = {"qwen0.5b": ("zh", "en"), "smollm2-135m": ("en",)}
 LABELS = {"qwen0.5b": "Qwen2.5-Coder-0.5B-Instruct (same tokenizer)",
           "smollm2-135m": "SmolLM2-135M-Instruct (other tokenizer)"}
-# distill.* settings, plus learning_rate; the first three are the default comparison, the rest a sweep
+# distill.* settings, plus learning_rate and train.max_steps; the first three are the default comparison, the rest a sweep
 VARIANTS = {"sft": {"kd_ratio": 0.0}, "kd": {"kd_ratio": 0.5, "variant": "forward_kl"},
             "kd-reverse": {"kd_ratio": 0.5, "variant": "reverse_kl"},
             "kd-0.9": {"kd_ratio": 0.9}, "kd-t2": {"kd_ratio": 0.5, "temperature": 2.0},
-            "sft-lr5e-5": {"kd_ratio": 0.0, "learning_rate": 5e-5}, "kd-lr5e-5": {"kd_ratio": 0.5, "learning_rate": 5e-5}}
+            "sft-lr5e-5": {"kd_ratio": 0.0, "learning_rate": 5e-5}, "kd-lr5e-5": {"kd_ratio": 0.5, "learning_rate": 5e-5},
+            "sft-48steps": {"kd_ratio": 0.0, "max_steps": 48}, "kd-48steps": {"kd_ratio": 0.5, "max_steps": 48}}
 LANG_OFFSET = {"zh": 0, "en": 100_000}  # chunk ids of the two recordings, kept apart when merged
 # Held-out share of each recording's chunks, for at least 1,000 held-out answer tokens per language
 # and at least 150 training examples: the teacher's Chinese answers are short (about 30 tokens).
@@ -181,6 +187,7 @@ def variant_config(tree: dict, name: str, settings: dict, copy: bool = True):
            "jsonl_output_path": str(data)}
     settings = dict(settings)
     new["learning_rate"] = settings.pop("learning_rate", tree["learning_rate"])
+    new["train"] = {**tree["train"], "max_steps": settings.pop("max_steps", tree["train"]["max_steps"])}
     new["distill"] = {**tree["distill"], **settings}
     return config_from_dict(new)
 
@@ -279,14 +286,35 @@ def measure(cfg, held_path: Path, names: list[str], langs: tuple[str, ...], n_ge
         out[lang] = {"examples": len(held), "chunks": len({e["chunk_id"] for e in held}), "generated": len(prompts),
                      "kd_coverage": info.get("kd_coverage"), "rows": {}, "rouge": {}}
         for name in ["base", *names]:
-            model = base if name == "base" else PeftModel.from_pretrained(base, str(Path(cfg.output_dir).with_name(
-                f"adapter-{name}"))).eval()
+            folder = Path(cfg.output_dir).with_name(f"adapter-{name}")
+            saved = folder.parent / f"scores-{name}-{lang}.json"
+            key = _digest([cfg.model_name, (folder / "bench-settings.json").read_text() if name != "base" else "",
+                           held, prompts, new_tokens])
+            if saved.exists() and json.loads(saved.read_text())["key"] == key:
+                old = json.loads(saved.read_text())
+                out[lang]["rows"][name], out[lang]["rouge"][name] = np.array(old["rows"]), old["rouge"]
+                continue
+            model = base if name == "base" else PeftModel.from_pretrained(base, str(folder)).eval()
             out[lang]["rows"][name] = score(model, enc, targets, tok.pad_token_id, 4, base.device)
             answers = generate(model, tok, prompts, new_tokens, None, 4, base.device) if prompts else []
             out[lang]["rouge"][name] = [rouge_l(h, r, lang) for h, r in zip(answers, refs)]
+            saved.write_text(json.dumps({"key": key, "rows": out[lang]["rows"][name].tolist(),
+                                         "rouge": out[lang]["rouge"][name]}))
             if name != "base":
                 base = model.unload()
     return out
+
+
+def _digest(parts: list) -> str:
+    """Scores are kept beside the adapters, keyed by everything they depend on, so a sweep that adds
+    one variant scores only that one (about 2.5 minutes per language for the Qwen student)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def baseline(name: str, names: list[str]) -> str:
+    """Fine-tuning alone with the same learning rate and steps: kd-lr5e-5 against sft-lr5e-5."""
+    twin = "sft" + name[name.find("-"):] if "-" in name else "sft"
+    return twin if twin in names and twin != name else "sft"
 
 
 def run_student(student: str, a) -> dict:
@@ -310,9 +338,30 @@ def run_student(student: str, a) -> dict:
         m["models"] = {n: figures(rows[n], rouge[n]) for n in rows}
         m["vs_base"] = {n: against(rows["base"], rows[n], rouge["base"], rouge[n]) for n in names}
         if "sft" in rows:
-            m["vs_sft"] = {n: against(rows["sft"], rows[n], rouge["sft"], rouge[n]) for n in names if n != "sft"}
+            m["vs_sft"] = {n: {"against": b, **against(rows[b], rows[n], rouge[b], rouge[n])}
+                           for n in names if n != "sft" for b in [baseline(n, names)]}
     result["langs"] = measured
     return result
+
+
+def teacher_shape(lang: str) -> dict:
+    """How much a top-20 distribution says beyond the sampled answer token: when the teacher's top-1
+    holds nearly all the mass, forward KL and cross-entropy on its answer pull the same way."""
+    from shifu.logprobs import unpack_logprobs
+
+    mass, top1, chosen, chosen_is_top = [], [], [], []
+    for ans in load_recording(lang)["answers"]:
+        if ans["logprobs"]:
+            _, lp, _, cand_lp = unpack_logprobs(base64.b64decode(ans["logprobs"]))
+            p = np.exp(cand_lp.astype(np.float64))
+            mass += list(p.sum(1))
+            top1 += list(p.max(1))
+            chosen += list(np.exp(lp.astype(np.float64)))
+            chosen_is_top += list(lp >= cand_lp.max(1) - 1e-6)
+    mass, top1 = np.array(mass), np.array(top1)
+    return {"tokens": len(mass), "top_k_mass": float(mass.mean()), "top1_prob": float(top1.mean()),
+            "top1_median": float(np.median(top1)), "confident": float((top1 > 0.9).mean()),
+            "chosen_is_top1": float(np.mean(chosen_is_top)), "off_answer": float(1 - np.mean(chosen))}
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -320,7 +369,8 @@ def run_student(student: str, a) -> dict:
 NAMES = {"base": "base (no training)", "sft": "fine-tuning alone (kd_ratio 0)",
          "kd": "+ distillation (kd_ratio 0.5, forward KL)", "kd-reverse": "+ distillation (kd_ratio 0.5, reverse KL)",
          "kd-0.9": "+ distillation (kd_ratio 0.9, forward KL)", "kd-t2": "+ distillation (kd_ratio 0.5, T = 2)",
-         "sft-lr5e-5": "fine-tuning alone, lr 5e-5", "kd-lr5e-5": "+ distillation (kd_ratio 0.5), lr 5e-5"}
+         "sft-lr5e-5": "fine-tuning alone, lr 5e-5", "kd-lr5e-5": "+ distillation (kd_ratio 0.5), lr 5e-5",
+         "sft-48steps": "fine-tuning alone, 48 steps", "kd-48steps": "+ distillation (kd_ratio 0.5), 48 steps"}
 
 
 def _ci(m: dict, key: str, digits: int = 3) -> str:
@@ -367,29 +417,44 @@ def table(student: str, r: dict) -> list[str]:
         for name, f in m["models"].items():
             lines.append(f"| {NAMES.get(name, name)} | {_ci(f, 'kl')} | {_ci(f, 'nll')} | {_ci(f, 'top1')} | "
                          f"{_ci(f, 'rouge_l', 1)} |")
-        lines += ["", "| change against fine-tuning alone | Δ KL | Δ NLL | Δ top-1 | Δ ROUGE-L |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
+        lines += ["", "| change of | against | Δ KL | Δ NLL | Δ top-1 | Δ ROUGE-L |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
         for name, dd in m.get("vs_sft", {}).items():
-            lines.append(f"| {NAMES.get(name, name)} | {_delta(dd, 'kl')} | {_delta(dd, 'nll')} | {_delta(dd, 'top1')} | "
-                         f"{_delta(dd, 'rouge_l', 1)} |")
+            b = dd.get("against", "sft")
+            lines.append(f"| {NAMES.get(name, name)} | {NAMES.get(b, b)} | {_delta(dd, 'kl')} | {_delta(dd, 'nll')} | "
+                         f"{_delta(dd, 'top1')} | {_delta(dd, 'rouge_l', 1)} |")
         lines.append("")
     return lines
 
 
+TITLES = {"quality": "base, fine-tuning alone, fine-tuning + distillation",
+          "quality_sweep": "the sweep (learning rate, kd_ratio, temperature, steps)"}
+
+
 def render(results: dict, command: str) -> str:
     a = results["args"]
-    lines = ["## Distillation quality: base, fine-tuning alone, fine-tuning + distillation (issue 14)", "",
+    title = TITLES.get(results.get("tag", "quality"), results.get("tag"))
+    lines = [f"## Distillation quality: {title} (issue 14)", "",
              f"Command: `{command}`  ",
              f"Machine: {results['machine']}  ",
              f"Wall time: {results['seconds'] // 60} min {results['seconds'] % 60} s for the whole run (no teacher: "
              "it reads the recording in bench/data/, made by scripts/record_teacher.py).  ",
              f"Every trained student: the same examples in the same order, {a['steps']} optimizer steps of batch "
-             f"{a['batch_size']}, learning rate {a['lr']:g}, no warm-up, LoRA r=8 alpha 16 all-linear, seed 7, fp32. "
+             f"{a['batch_size']}, learning rate {a['lr']:g} (a variant named for its steps or learning rate differs there), "
+             "no warm-up, LoRA r=8 alpha 16 all-linear, seed 7, fp32. "
              "Figures on held-out chunks' teacher answers, teacher-forced, token-averaged, with a bootstrap 95% "
              "interval over held-out examples; changes are paired (same examples). KL and top-1 count the tokens "
              "that have a teacher distribution.", ""]
     for student in results["students"]:
         lines += table(student, results[student])
+    if results.get("teacher"):
+        lines += ["### The teacher's distributions (the recording)", "",
+                  "| language | answer tokens | mass in the top 20 | mean top-1 probability | median | "
+                  "positions with top-1 > 0.9 | answer token = teacher's top-1 | mass off the answer token |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {g} | {t['tokens']} | {t['top_k_mass']:.3f} | {t['top1_prob']:.3f} | {t['top1_median']:.3f} | "
+                  f"{100 * t['confident']:.0f}% | {100 * t['chosen_is_top1']:.0f}% | {t['off_answer']:.3f} |" for g, t in results["teacher"].items()]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -421,10 +486,12 @@ def main() -> None:
     out_json = RUNS / f"{a.tag}.json"
     if a.render_only:
         results = json.loads(out_json.read_text())
+        results["teacher"] = {g: teacher_shape(g) for g in results.get("teacher", {})}  # from the recording
     else:
         t0 = time.time()
         results = {"machine": machine("torch", "transformers", "peft"), "students": a.students.split(","),
-                   "args": {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr}}
+                   "args": {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr}, "tag": a.tag,
+                   "teacher": {g: teacher_shape(g) for g in a.langs}}
         for student in results["students"]:
             results[student] = run_student(student, a)
             results["seconds"] = round(time.time() - t0)
