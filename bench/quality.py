@@ -59,6 +59,7 @@ VARIANTS = {"sft": {"kd_ratio": 0.0}, "kd": {"kd_ratio": 0.5, "variant": "forwar
             "kd-reverse": {"kd_ratio": 0.5, "variant": "reverse_kl"},
             "kd-0.9": {"kd_ratio": 0.9}, "kd-t2": {"kd_ratio": 0.5, "temperature": 2.0},
             "sft-lr5e-5": {"kd_ratio": 0.0, "learning_rate": 5e-5}, "kd-lr5e-5": {"kd_ratio": 0.5, "learning_rate": 5e-5},
+            "sft-24steps": {"kd_ratio": 0.0, "max_steps": 24}, "kd-24steps": {"kd_ratio": 0.5, "max_steps": 24},
             "sft-48steps": {"kd_ratio": 0.0, "max_steps": 48}, "kd-48steps": {"kd_ratio": 0.5, "max_steps": 48}}
 LANG_OFFSET = {"zh": 0, "en": 100_000}  # chunk ids of the two recordings, kept apart when merged
 # Held-out share of each recording's chunks, for at least 1,000 held-out answer tokens per language
@@ -370,6 +371,7 @@ NAMES = {"base": "base (no training)", "sft": "fine-tuning alone (kd_ratio 0)",
          "kd": "+ distillation (kd_ratio 0.5, forward KL)", "kd-reverse": "+ distillation (kd_ratio 0.5, reverse KL)",
          "kd-0.9": "+ distillation (kd_ratio 0.9, forward KL)", "kd-t2": "+ distillation (kd_ratio 0.5, T = 2)",
          "sft-lr5e-5": "fine-tuning alone, lr 5e-5", "kd-lr5e-5": "+ distillation (kd_ratio 0.5), lr 5e-5",
+         "sft-24steps": "fine-tuning alone, 24 steps", "kd-24steps": "+ distillation (kd_ratio 0.5), 24 steps",
          "sft-48steps": "fine-tuning alone, 48 steps", "kd-48steps": "+ distillation (kd_ratio 0.5), 48 steps"}
 
 
@@ -428,7 +430,8 @@ def table(student: str, r: dict) -> list[str]:
 
 
 TITLES = {"quality": "base, fine-tuning alone, fine-tuning + distillation",
-          "quality_sweep": "the sweep (learning rate, kd_ratio, temperature, steps)"}
+          "quality_sweep": "the sweep (learning rate, kd_ratio, temperature, steps)",
+          "quality_steps": "Qwen 0.5B at 24 steps"}
 
 
 def render(results: dict, command: str) -> str:
