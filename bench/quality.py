@@ -291,8 +291,8 @@ def measure(cfg, held_path: Path, names: list[str], langs: tuple[str, ...], n_ge
             saved = folder.parent / f"scores-{name}-{lang}.json"
             key = _digest([cfg.model_name, (folder / "bench-settings.json").read_text() if name != "base" else "",
                            held, prompts, new_tokens])
-            if saved.exists() and json.loads(saved.read_text())["key"] == key:
-                old = json.loads(saved.read_text())
+            old = json.loads(saved.read_text()) if saved.exists() else {}
+            if old.get("key") == key:
                 out[lang]["rows"][name], out[lang]["rouge"][name] = np.array(old["rows"]), old["rouge"]
                 continue
             model = base if name == "base" else PeftModel.from_pretrained(base, str(folder)).eval()
